@@ -108,6 +108,10 @@ class LLMConfig:
   moe_normalize_topk: bool = False  # the release does not renormalise the top-k weights
   moe_load_balance_weight: float = 0.0
   moe_router_z_weight: float = 0.0
+  # Residual dropout on attention/MLP outputs; the "response" rate applies to answer tokens only
+  # (the captioning stage used response-only dropout 0.1, fine-tuning plain dropout 0.1).
+  residual_dropout: float = 0.0
+  response_residual_dropout: float = 0.0
 
   @property
   def is_moe(self) -> bool:
@@ -156,9 +160,9 @@ class MolmoConfig:
   preprocess: PreprocessConfig = PreprocessConfig()
   dtype: str = "float32"            # compute dtype: float32 | bfloat16
   param_dtype: str = "float32"
-  scan_layers: bool = True
-  remat_policy: str = "none"        # none | full | dots | dots_with_no_batch_dims | save_qkv_proj
-  attention_impl: Literal["xla", "cudnn"] = "xla"
+  # Layers are always scanned (stacked on a leading "layers" axis); this picks what the backward
+  # pass keeps: none (no remat) | full | dots | dots_no_batch | qkv_proj | minimal.
+  remat_policy: str = "none"
 
   def replace(self, **kwargs: Any) -> "MolmoConfig":
     return dataclasses.replace(self, **kwargs)

@@ -1,0 +1,145 @@
+"""Decoder-only language model (spec §5): Qwen2 / OLMo-7B-1024 / OLMoE blocks, scanned.
+
+Legend: B batch, T query length, S key length (= T, or the KV-cache length), D width, L layers,
+K kv heads, h head dim, V_emb rows of the pretrained table, V = V_emb + additional rows.
+
+Pre-norm block (Qwen2, OLMoE):  x += Attn(norm(x));  x += MLP(norm(x))
+Post-norm block (OLMo-7B-1024): x += norm(Attn(x));  x += norm(MLP(x))
+Both end with final_norm and an untied LM head producing float32 logits over V_emb.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from molmo_jax.config import LLMConfig
+from molmo_jax.models.layers import (DecoderAttention, RMSNorm, SwiGLU, constrain, dense_init,
+                                     logical, maybe_remat)
+from molmo_jax.models.moe import MoEBlock
+
+Array = jax.Array
+
+
+def _residual_dropout(module: nn.Module, y: Array, cfg: LLMConfig, response_mask: Array | None) -> Array:
+  """Plain residual dropout, or dropout on answer tokens only (the captioning stage's variant).
+
+  Active only when the caller passes a "dropout" rng (training); evaluation passes none.
+  """
+  if not module.has_rng("dropout"):
+    return y
+  if cfg.residual_dropout > 0:
+    y = nn.Dropout(cfg.residual_dropout)(y, deterministic=False)
+  if cfg.response_residual_dropout > 0 and response_mask is not None:
+    dropped = nn.Dropout(cfg.response_residual_dropout)(y, deterministic=False)
+    y = jnp.where(response_mask[..., None], dropped, y)
+  return y
+
+
+class DecoderBlock(nn.Module):
+  """One transformer block; scanned over layers. Returns (x, (new_cache, aux))."""
+
+  config: LLMConfig
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, positions: Array, mask: Array, response_mask: Array | None,
+               cache: dict | None, cache_index: Array | None):
+    cfg = self.config
+    norm = lambda name: RMSNorm(cfg.norm_eps, self.dtype, self.param_dtype, axis_name="norm", name=name)
+    attention = DecoderAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rope_theta,
+                                 cfg.qkv_bias, cfg.qk_norm, cfg.norm_eps, self.dtype, self.param_dtype,
+                                 name="attention")
+    post = cfg.norm_placement == "post"
+    if cfg.norm_placement not in ("pre", "post"):
+      raise ValueError(f"llm.norm_placement {cfg.norm_placement!r} unknown; expected pre or post")
+
+    h, new_cache = attention(x if post else norm("attn_norm")(x), positions, mask, cache, cache_index)
+    if post:
+      h = norm("attn_norm")(h)
+    x = x + _residual_dropout(self, h, cfg, response_mask)
+    x = constrain(x, ("activation_batch", "activation_length", "activation_embed"))
+
+    inner = x if post else norm("ff_norm")(x)
+    aux = {"moe_load_balance": jnp.zeros((), jnp.float32), "moe_router_z": jnp.zeros((), jnp.float32)}
+    if cfg.is_moe:
+      h, aux = MoEBlock(cfg, self.dtype, self.param_dtype, name="moe")(inner)
+    else:
+      h = SwiGLU(cfg.mlp_dim, cfg.d_model, self.dtype, self.param_dtype, name="mlp")(inner)
+    if post:
+      h = norm("ff_norm")(h)
+    x = x + _residual_dropout(self, h, cfg, response_mask)
+    x = constrain(x, ("activation_batch", "activation_length", "activation_embed"))
+    return x, (new_cache, aux)
+
+
+class Embedding(nn.Module):
+  """Lookup over concat(pretrained [V_emb, D], new [A, D]) (spec §2.1; `pretrained` is frozen)."""
+
+  config: LLMConfig
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, ids: Array) -> Array:
+    cfg = self.config
+    pretrained = self.param("pretrained", logical(dense_init(), ("vocab", "embed")),
+                            (cfg.embedding_size, cfg.d_model), self.param_dtype)
+    new = self.param("new", logical(dense_init(), (None, "embed")),
+                     (cfg.additional_vocab_size, cfg.d_model), self.param_dtype)
+    table = jnp.concatenate([pretrained, new], axis=0).astype(self.dtype)
+    return jnp.take(table, ids, axis=0)
+
+
+class Decoder(nn.Module):
+  """The language model. `embed(ids)` and `__call__(x, ...)` are separate so that image features
+  can be added to the token embeddings in between."""
+
+  config: LLMConfig
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  remat_policy: str = "none"
+
+  def setup(self):
+    cfg = self.config
+    self.embedding = Embedding(cfg, self.dtype, self.param_dtype)
+    block = maybe_remat(DecoderBlock, self.remat_policy)
+    scanned = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                      in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
+                      length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+    self.blocks = scanned(cfg, self.dtype, self.param_dtype)
+    self.final_norm = RMSNorm(cfg.norm_eps, self.dtype, self.param_dtype, axis_name="norm")
+    self.lm_head = self.param("lm_head", logical(dense_init(), ("embed", "vocab")),
+                              (cfg.d_model, cfg.embedding_size), self.param_dtype)
+
+  def embed(self, ids: Array) -> Array:
+    """ids [B, T] (>= 0) -> [B, T, D]."""
+    x = self.embedding(ids)
+    return constrain(x, ("activation_batch", "activation_length", "activation_embed"))
+
+  def __call__(self, x: Array, positions: Array, mask: Array, cache: dict | None = None,
+               cache_index: Array | None = None, response_mask: Array | None = None
+               ) -> tuple[Array, dict]:
+    """x [B, T, D] embeddings -> (logits [B, T, V_emb] float32, out).
+
+    positions [B, T]; mask [B, T, S] bool. out: "hidden" [B, T, D] (after final_norm), "cache"
+    (stacked key/value [L, B, S, K, h] when a cache was given), "aux" (MoE auxiliary losses summed
+    over layers). Dropout runs only when a "dropout" rng is supplied.
+    """
+    x, (new_cache, aux) = self.blocks(x, positions, mask, response_mask, cache, cache_index)
+    hidden = self.final_norm(x)
+    logits = jnp.einsum("btd,dv->btv", hidden, self.lm_head.astype(self.dtype),
+                        preferred_element_type=jnp.float32)
+    logits = constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
+    aux = jax.tree.map(jnp.sum, aux)
+    return logits, {"hidden": hidden, "cache": new_cache, "aux": aux}
+
+
+def init_cache(config: LLMConfig, batch: int, length: int, dtype=jnp.float32) -> dict[str, Array]:
+  """Empty KV cache: key/value [L, B, S, K, h]."""
+  shape = (config.num_layers, batch, length, config.num_kv_heads, config.head_dim)
+  return {"key": jnp.zeros(shape, dtype), "value": jnp.zeros(shape, dtype)}

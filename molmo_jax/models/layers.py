@@ -1,0 +1,258 @@
+"""Building blocks shared by the vision tower, the connector and the decoder.
+
+Legend:
+  B batch (or batch*crops in the vision tower)   T query length   S key length (cache length)
+  D model width   H query heads   K key/value heads   G = H // K query heads per kv head
+  h head dim   F MLP width
+
+Numerics follow the reference: norms, RoPE and the attention softmax run in float32 whatever the
+compute dtype; the result is cast back to the compute dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+Array = jax.Array
+Dtype = Any
+
+NEG_INF = float(jnp.finfo(jnp.float32).min)
+
+
+def dense_init(std: float = 0.02) -> Callable:
+  return nn.initializers.normal(stddev=std)
+
+
+def logical(init: Callable, names: tuple[str | None, ...]) -> Callable:
+  return nn.with_logical_partitioning(init, names)
+
+
+def constrain(x: Array, names: tuple[str | None, ...]) -> Array:
+  return nn.with_logical_constraint(x, names)
+
+
+class RMSNorm(nn.Module):
+  """x * rsqrt(mean(x^2) + eps), in float32, cast back, times `scale` (no bias, no 1+w offset)."""
+
+  eps: float = 1e-6
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  axis_name: str = "norm"
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    scale = self.param("scale", logical(nn.initializers.ones, (self.axis_name,)), (x.shape[-1],),
+                       self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return y.astype(self.dtype) * scale.astype(self.dtype)
+
+
+class LayerNorm(nn.Module):
+  """LayerNorm with weight and bias, statistics in float32 (the ViT's norms)."""
+
+  eps: float = 1e-5
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  axis_name: str = "vit_embed"
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    d = x.shape[-1]
+    scale = self.param("scale", logical(nn.initializers.ones, (self.axis_name,)), (d,), self.param_dtype)
+    bias = self.param("bias", logical(nn.initializers.zeros, (self.axis_name,)), (d,), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+    y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+    return y.astype(self.dtype)
+
+
+def rope_angles(positions: Array, head_dim: int, theta: float) -> tuple[Array, Array]:
+  """cos/sin tables [B, T, h] for the half-rotation (Llama/NeoX) RoPE, float32."""
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  freqs = positions.astype(jnp.float32)[..., None] * inv_freq          # [B, T, h/2]
+  emb = jnp.concatenate([freqs, freqs], axis=-1)                        # [B, T, h]
+  return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
+  """x [B, T, N, h] -> rotated, computed in float32 and cast back to x.dtype."""
+  x32 = x.astype(jnp.float32)
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+  out = x32 * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+  return out.astype(x.dtype)
+
+
+def causal_segment_mask(query_segments: Array, key_segments: Array, key_valid: Array,
+                        query_slots: Array, key_slots: Array) -> Array:
+  """Boolean attention mask [B, T, S] of the reference (spec §8.2, §2.5).
+
+  A query attends a key iff the key is not padding, the key comes no later than the query
+  (slot order) and seg_q <= seg_k (packed conversations see the shared image and themselves).
+  """
+  causal = key_slots[:, None, :] <= query_slots[:, :, None]
+  segments = query_segments[:, :, None] <= key_segments[:, None, :]
+  return causal & segments & key_valid[:, None, :]
+
+
+def dot_product_attention(q: Array, k: Array, v: Array, mask: Array | None) -> Array:
+  """GQA attention, softmax in float32.
+
+  q [B, T, H, h], k/v [B, S, K, h], mask [B, T, S] bool (True = attend) -> [B, T, H, h].
+  Query head n uses kv head n // G (contiguous grouping, the reference's repeat_interleave).
+  """
+  b, t, num_heads, head_dim = q.shape
+  num_kv = k.shape[2]
+  groups = num_heads // num_kv
+  q = q.reshape(b, t, num_kv, groups, head_dim)
+  scores = jnp.einsum("btkgh,bskh->bkgts", q.astype(jnp.float32), k.astype(jnp.float32))
+  scores = scores / jnp.sqrt(jnp.float32(head_dim))
+  if mask is not None:
+    scores = jnp.where(mask[:, None, None, :, :], scores, NEG_INF)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
+  return out.reshape(b, t, num_heads, head_dim)
+
+
+class SwiGLU(nn.Module):
+  """down(silu(gate(x)) * up(x)). Used by the LLM MLP and the connector's projector."""
+
+  hidden: int
+  out_features: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  in_axis: str = "embed"
+  hidden_axis: str = "mlp"
+  out_axis: str = "embed"
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    def proj(name, features, axes):
+      return nn.Dense(features, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+                      kernel_init=logical(dense_init(), axes), name=name)
+
+    gate = proj("gate", self.hidden, (self.in_axis, self.hidden_axis))(x)
+    up = proj("up", self.hidden, (self.in_axis, self.hidden_axis))(x)
+    h = checkpoint_name(nn.silu(gate) * up, "mlp_hidden")
+    h = constrain(h, ("activation_batch", "activation_length", "activation_mlp"))
+    return proj("down", self.out_features, (self.hidden_axis, self.out_axis))(h)
+
+
+class MultiHeadAttention(nn.Module):
+  """Bidirectional multi-head attention with biased q/k/v/o projections (ViT and pooling).
+
+  inputs_q [B, T, Dq], inputs_kv [B, S, Dkv] -> [B, T, out_features].
+  """
+
+  num_heads: int
+  head_dim: int
+  out_features: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  in_axis: str = "vit_embed"
+  out_axis: str = "vit_embed"
+  heads_axis: str = "vit_heads"
+
+  @nn.compact
+  def __call__(self, inputs_q: Array, inputs_kv: Array) -> Array:
+    def proj(name):
+      return nn.DenseGeneral(
+          (self.num_heads, self.head_dim), use_bias=True, dtype=self.dtype,
+          param_dtype=self.param_dtype, name=name,
+          kernel_init=logical(dense_init(), (self.in_axis, self.heads_axis, "head_dim")),
+          bias_init=logical(nn.initializers.zeros, (self.heads_axis, "head_dim")))
+
+    q = proj("query")(inputs_q)
+    k = proj("key")(inputs_kv)
+    v = proj("value")(inputs_kv)
+    out = dot_product_attention(q, k, v, mask=None)
+    return nn.DenseGeneral(
+        self.out_features, axis=(-2, -1), use_bias=True, dtype=self.dtype,
+        param_dtype=self.param_dtype, name="out",
+        kernel_init=logical(dense_init(), (self.heads_axis, "head_dim", self.out_axis)),
+        bias_init=logical(nn.initializers.zeros, (self.out_axis,)))(out)
+
+
+class DecoderAttention(nn.Module):
+  """Causal GQA self-attention of the LLM: optional qkv bias, full-width qk RMSNorm, RoPE, KV cache.
+
+  x [B, T, D], positions [B, T], mask [B, T, S].
+  With a cache (key/value [B, S, K, h]) the new keys/values are written at slot `cache_index` and
+  attention runs over all S slots; without one S == T.
+  """
+
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  rope_theta: float
+  qkv_bias: bool = False
+  qk_norm: bool = False
+  norm_eps: float = 1e-6
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, positions: Array, mask: Array, cache: dict | None = None,
+               cache_index: Array | None = None) -> tuple[Array, dict | None]:
+    b, t, _ = x.shape
+
+    def proj(name, heads, heads_axis):
+      return nn.DenseGeneral(
+          (heads, self.head_dim), use_bias=self.qkv_bias, dtype=self.dtype,
+          param_dtype=self.param_dtype, name=name,
+          kernel_init=logical(dense_init(), ("embed", heads_axis, "head_dim")),
+          bias_init=logical(nn.initializers.zeros, (heads_axis, "head_dim")))
+
+    q = checkpoint_name(proj("query", self.num_heads, "heads")(x), "query_proj")
+    k = checkpoint_name(proj("key", self.num_kv_heads, "kv_heads")(x), "key_proj")
+    v = checkpoint_name(proj("value", self.num_kv_heads, "kv_heads")(x), "value_proj")
+    if self.qk_norm:
+      # Normalised over the whole projection width, before the head split (spec pitfall 20).
+      norm = lambda name: RMSNorm(self.norm_eps, self.dtype, self.param_dtype, name=name)
+      q = norm("q_norm")(q.reshape(b, t, -1)).reshape(q.shape)
+      k = norm("k_norm")(k.reshape(b, t, -1)).reshape(k.shape)
+    cos, sin = rope_angles(positions, self.head_dim, self.rope_theta)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    q = constrain(q, ("activation_batch", "activation_length", "activation_heads", "activation_head_dim"))
+    k = constrain(k, ("activation_batch", "activation_length", "activation_kv_heads", "activation_head_dim"))
+
+    new_cache = None
+    if cache is not None:
+      start = (0, cache_index, 0, 0)
+      k = jax.lax.dynamic_update_slice(cache["key"], k.astype(cache["key"].dtype), start)
+      v = jax.lax.dynamic_update_slice(cache["value"], v.astype(cache["value"].dtype), start)
+      new_cache = {"key": k, "value": v}
+    out = dot_product_attention(q, k, v, mask)
+    out = constrain(out, ("activation_batch", "activation_length", "activation_heads", "activation_head_dim"))
+    out = nn.DenseGeneral(
+        x.shape[-1], axis=(-2, -1), use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+        name="out", kernel_init=logical(dense_init(), ("heads", "head_dim", "embed")))(out)
+    return checkpoint_name(out, "out_proj"), new_cache
+
+
+REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "qkv_proj": jax.checkpoint_policies.save_only_these_names("query_proj", "key_proj", "value_proj"),
+    "minimal": jax.checkpoint_policies.save_only_these_names(
+        "query_proj", "key_proj", "value_proj", "out_proj", "mlp_hidden"),
+}
+
+
+def maybe_remat(module_cls, policy: str, static_argnums: tuple[int, ...] = ()):
+  """Wraps a block class in nn.remat with a named policy ('none' = no rematerialisation)."""
+  if policy == "none":
+    return module_cls
+  if policy not in REMAT_POLICIES:
+    raise ValueError(f"remat_policy {policy!r} unknown; expected none or one of {sorted(REMAT_POLICIES)}")
+  return nn.remat(module_cls, policy=REMAT_POLICIES[policy], prevent_cse=False,
+                  static_argnums=static_argnums)

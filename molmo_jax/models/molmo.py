@@ -1,0 +1,111 @@
+"""Molmo: where the image features enter the text (spec §2.4, §5.4).
+
+Legend: B batch, T text length, N crops per example (max_crops + 1), P patches per crop,
+C patch values, Q pooled cells per crop, D LLM width, S key length (T or the KV-cache length).
+
+  ids [B, T] --embed--> x [B, T, D]
+  images [B, N, P, C] --ViT--> selected layers --connector--> features [B, N*Q, D]
+  x[b, image_input_idx[b, j]] += features[b, j]   for every image_input_idx >= 0
+  x --decoder--> logits [B, T, V_emb]
+
+The feature is ADDED to the <im_patch> token's embedding (not substituted). A crop whose values
+are all -1 is collator padding: its features are zeroed and its indices are negative anyway.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from molmo_jax.config import MolmoConfig
+from molmo_jax.models.connector import Connector
+from molmo_jax.models.decoder import Decoder
+from molmo_jax.models.layers import causal_segment_mask, constrain
+from molmo_jax.models.vit import VisionTransformer
+
+Array = jax.Array
+
+
+def default_positions(input_ids: Array) -> Array:
+  """max(cumsum(valid) - 1, 0): padding (-1) repeats the previous position."""
+  valid = (input_ids != -1).astype(jnp.int32)
+  return jnp.maximum(jnp.cumsum(valid, axis=-1) - 1, 0)
+
+
+def text_attention_mask(input_ids: Array, subsegment_ids: Array | None = None) -> Array:
+  """Causal mask [B, T, T] over non-padding keys, with the packed-conversation rule if given."""
+  b, t = input_ids.shape
+  slots = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  segments = subsegment_ids if subsegment_ids is not None else jnp.zeros((b, t), jnp.int32)
+  return causal_segment_mask(segments, segments, input_ids != -1, slots, slots)
+
+
+def insert_image_features(x: Array, features: Array, image_input_idx: Array) -> Array:
+  """x [B, T, D] + features [B, F, D] at positions image_input_idx [B, F]; negatives are skipped."""
+  b, t, _ = x.shape
+  valid = image_input_idx >= 0
+  # Out-of-range positions are dropped by the scatter: invalid slots point past the end.
+  idx = jnp.where(valid, image_input_idx, t)
+  features = features * valid[..., None].astype(features.dtype)
+  rows = jnp.arange(b)[:, None]
+  return x.at[rows, idx].add(features.astype(x.dtype), mode="drop")
+
+
+class Molmo(nn.Module):
+  """The full model. `__call__(batch)` -> (logits [B, T, V_emb] float32, out)."""
+
+  config: MolmoConfig
+
+  def setup(self):
+    cfg = self.config
+    dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    self.vision = VisionTransformer(cfg.vision, dtype, param_dtype, cfg.remat_policy)
+    self.connector = Connector(cfg.vision, cfg.connector, cfg.llm.d_model, dtype, param_dtype)
+    self.llm = Decoder(cfg.llm, dtype, param_dtype, cfg.remat_policy)
+
+  def encode_images(self, images: Array, image_masks: Array) -> Array:
+    """images [B, N, P, C], image_masks [B, N, P] -> features [B, N*Q, D]."""
+    b, n, p, c = images.shape
+    flat = images.reshape(b * n, p, c)
+    present = jnp.any(flat != -1, axis=(1, 2))
+    flat = constrain(flat, ("activation_batch", "activation_length", None))
+    layers = self.vision(flat)
+    features = self.connector(layers, image_masks.reshape(b * n, p), present)      # [B*N, Q, D]
+    return features.reshape(b, n * features.shape[1], features.shape[2])
+
+  def embed_inputs(self, batch: Mapping[str, Array], image_features: Array | None = None) -> Array:
+    """Token embeddings with the image features added: [B, T, D]."""
+    input_ids = batch["input_ids"]
+    x = self.llm.embed(jnp.where(input_ids != -1, input_ids, 0))
+    if image_features is None and batch.get("images") is not None:
+      image_features = self.encode_images(batch["images"], batch["image_masks"])
+    if image_features is not None:
+      idx = batch["image_input_idx"].reshape(input_ids.shape[0], -1)
+      x = insert_image_features(x, image_features, idx)
+    return x
+
+  def __call__(self, batch: Mapping[str, Array], *, cache: dict | None = None,
+               cache_index: Array | None = None, attention_mask: Array | None = None,
+               image_features: Array | None = None) -> tuple[Array, dict[str, Any]]:
+    """Forward pass.
+
+    batch: input_ids [B, T] (-1 = padding) and optionally images, image_masks, image_input_idx,
+      position_ids, subsegment_ids, response_mask (answer tokens, for response-only dropout).
+    cache / cache_index: KV cache (see decoder.init_cache) for generation; the caller then also
+      passes attention_mask [B, T, S] and position_ids.
+    image_features: precomputed [B, N*Q, D] (skips the vision tower).
+    """
+    input_ids = batch["input_ids"]
+    x = self.embed_inputs(batch, image_features)
+    positions = batch.get("position_ids")
+    if positions is None:
+      positions = default_positions(input_ids)
+    if attention_mask is None:
+      if cache is not None:
+        raise ValueError("Molmo: a KV cache needs an explicit attention_mask [B, T, S]")
+      attention_mask = text_attention_mask(input_ids, batch.get("subsegment_ids"))
+    logits, out = self.llm(x, positions, attention_mask, cache, cache_index, batch.get("response_mask"))
+    return logits, out

@@ -1,0 +1,90 @@
+"""CLIP-style vision transformer (spec §3): pre-LN, quick-GELU, CLS token, learned positions.
+
+Legend: B crops, P patches per crop, S = P + 1 (CLS), C patch values (p*p*3), D width,
+L blocks, K selected layers.
+
+Patches arrive flattened in (dy, dx, c) order, so the patch embedding is a plain matmul.
+The tower returns the outputs of the selected blocks (the reference's `vit_layers`, e.g. blocks
+21 and 14 of 23), in the configured order. CLIP's post-LayerNorm is not part of the model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from molmo_jax.config import VisionConfig
+from molmo_jax.models.layers import (LayerNorm, MultiHeadAttention, constrain, dense_init, logical,
+                                     maybe_remat)
+
+Array = jax.Array
+
+ACTIVATIONS = {
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+}
+
+
+class VitBlock(nn.Module):
+  """x + Attn(LN(x)); x + MLP(LN(x)). Returns (x, x) so the scan stacks every block output."""
+
+  config: VisionConfig
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, _: None = None) -> tuple[Array, Array]:
+    cfg = self.config
+    ln = lambda name: LayerNorm(cfg.layer_norm_eps, self.dtype, self.param_dtype, name=name)
+    h = ln("attention_norm")(x)
+    x = x + MultiHeadAttention(cfg.num_heads, cfg.head_dim, cfg.width, self.dtype, self.param_dtype,
+                               name="attention")(h, h)
+    h = ln("ffn_norm")(x)
+    dense = lambda name, features, axes: nn.Dense(
+        features, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
+        kernel_init=logical(dense_init(), axes), bias_init=logical(nn.initializers.zeros, axes[1:]))
+    h = dense("fc1", cfg.mlp_dim, ("vit_embed", "vit_mlp"))(h)
+    h = ACTIVATIONS[cfg.activation](h)
+    h = dense("fc2", cfg.width, ("vit_mlp", "vit_embed"))(h)
+    x = constrain(x + h, ("activation_batch", "activation_length", "activation_embed"))
+    return x, x
+
+
+class VisionTransformer(nn.Module):
+  """patches [B, P, C] -> tuple of K selected block outputs, each [B, S, D] (CLS first)."""
+
+  config: VisionConfig
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  remat_policy: str = "none"
+
+  @nn.compact
+  def __call__(self, patches: Array) -> tuple[Array, ...]:
+    cfg = self.config
+    b = patches.shape[0]
+    x = nn.Dense(cfg.width, use_bias=cfg.patch_bias, dtype=self.dtype, param_dtype=self.param_dtype,
+                 kernel_init=logical(dense_init(), ("vit_patch", "vit_embed")),
+                 name="patch_embed")(patches.astype(self.dtype))
+    if cfg.use_cls_token:
+      cls = self.param("class_embedding", logical(dense_init(), ("vit_embed",)), (cfg.width,),
+                       self.param_dtype)
+      x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (b, 1, cfg.width)), x], axis=1)
+    pos = self.param("positional_embedding", logical(dense_init(), ("vit_positions", "vit_embed")),
+                     (cfg.num_positions, cfg.width), self.param_dtype)
+    if pos.shape[0] != x.shape[1]:
+      raise ValueError(f"vision: {x.shape[1]} tokens per crop but {pos.shape[0]} positional embeddings; "
+                       f"crops must be {cfg.image_size} px with patch {cfg.patch_size}")
+    x = x + pos.astype(self.dtype)[None]
+    if cfg.use_pre_ln:
+      x = LayerNorm(cfg.layer_norm_eps, self.dtype, self.param_dtype, name="pre_ln")(x)
+    x = constrain(x, ("activation_batch", "activation_length", "activation_embed"))
+
+    block = maybe_remat(VitBlock, self.remat_policy)
+    blocks = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                     length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+    _, hidden = blocks(cfg, self.dtype, self.param_dtype, name="blocks")(x, None)   # [L, B, S, D]
+    return tuple(hidden[i] for i in cfg.resolved_layers())
