@@ -320,7 +320,7 @@ def _example(scene, task, question, answer, indices, label) -> dict:
     "style": TASK_STYLES[task],
     "task": task,
     "points": scene.points(indices),
-    "masks": scene.masks[list(indices)] if len(indices) else np.zeros((0,) + scene.masks.shape[1:], bool),
+    "masks": scene.masks[np.asarray(indices, np.int64)],
     "label": label,
     "count": len(indices),
   }

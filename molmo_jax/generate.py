@@ -1,0 +1,171 @@
+"""Batched generation with a KV cache: one jitted prefill + `lax.while_loop` decode.
+
+Legend: B batch, T prompt length (bucketed), S = T + max_new_tokens cache slots, V vocabulary,
+N crops, P patches, Q pooled cells.
+
+Prompts are right-padded with -1 as the reference collator does. Slot s of the cache holds the
+prompt token s (s < T) or generated token s - T. A key slot is attended iff it holds a real token
+and comes no later than the query. Positions continue from each example's last valid prompt
+token, so padding never shifts RoPE phases (spec §7.5). The vision tower runs once, inside the
+prefill.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from molmo_jax.models.decoder import init_cache
+from molmo_jax.models.molmo import Molmo, default_positions
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  """Greedy when temperature == 0; otherwise temperature / top-k / top-p sampling."""
+
+  max_new_tokens: int = 64
+  temperature: float = 0.0
+  top_k: int = 0            # 0 = off
+  top_p: float = 1.0        # 1.0 = off
+  eos_id: int | None = None
+  pad_id: int = -1          # written after EOS
+
+
+@dataclasses.dataclass
+class GenerationOutput:
+  tokens: np.ndarray          # [B, max_new_tokens] int32, pad_id after the end
+  lengths: np.ndarray         # [B] tokens generated, EOS included
+  finish_reasons: list[str]   # "eos" | "length" (| "stop" once stop strings are applied)
+
+
+def bucket_length(length: int, multiple: int = 64) -> int:
+  """Prompt lengths are padded up to a multiple so a run compiles a handful of shapes only."""
+  return max(multiple, -(-length // multiple) * multiple)
+
+
+def filter_logits(logits: Array, top_k: int, top_p: float) -> Array:
+  """Masks logits [B, V] outside the top-k set and outside the top-p nucleus with -inf."""
+  neg = jnp.finfo(logits.dtype).min
+  if top_k > 0:
+    kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+    logits = jnp.where(logits < kth, neg, logits)
+  if top_p < 1.0:
+    order = jnp.argsort(-logits, axis=-1)
+    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    # Keep a token if the mass strictly before it is < top_p (so the top token always stays).
+    keep_sorted = (jnp.cumsum(probs, axis=-1) - probs) < top_p
+    keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
+    logits = jnp.where(keep, logits, neg)
+  return logits
+
+
+def choose_tokens(logits: Array, rng: Array, sampling: SamplingConfig) -> Array:
+  """logits [B, V] float32 -> next tokens [B] int32."""
+  if sampling.temperature <= 0:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  logits = filter_logits(logits / sampling.temperature, sampling.top_k, sampling.top_p)
+  return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+def _generate(params: Any, batch: Mapping[str, Array], rng: Array, *, model: Molmo,
+              sampling: SamplingConfig) -> tuple[Array, Array, Array]:
+  input_ids = batch["input_ids"]
+  b, t = input_ids.shape
+  steps = sampling.max_new_tokens
+  s = t + steps
+  cfg = model.config
+  cache = init_cache(cfg.llm, b, s, jnp.dtype(cfg.dtype))
+  valid = input_ids != -1
+  key_valid = jnp.concatenate([valid, jnp.zeros((b, steps), bool)], axis=1)        # [B, S]
+  slots = jnp.arange(s, dtype=jnp.int32)
+
+  positions = batch.get("position_ids")
+  if positions is None:
+    positions = default_positions(input_ids)
+  mask = key_valid[:, None, :] & (slots[None, None, :] <= jnp.arange(t)[None, :, None])
+  prefill = dict(batch, position_ids=positions)
+  logits, out = model.apply({"params": params}, prefill, cache=cache, cache_index=jnp.int32(0),
+                            attention_mask=mask)
+  last = jnp.maximum(jnp.sum(valid, axis=1) - 1, 0)                                  # [B]
+  rows = jnp.arange(b)
+  next_logits = logits[rows, last]
+  next_position = positions[rows, last] + 1
+
+  eos = -1 if sampling.eos_id is None else sampling.eos_id
+  tokens = jnp.full((b, steps), sampling.pad_id, jnp.int32)
+  done = jnp.zeros((b,), bool)
+  lengths = jnp.zeros((b,), jnp.int32)
+
+  def cond(state):
+    i, *_, done, _ = state
+    return (i < steps) & ~jnp.all(done)
+
+  def body(state):
+    i, cache, key_valid, next_logits, next_position, tokens, lengths, done, rng = state
+    rng, step_rng = jax.random.split(rng)
+    token = choose_tokens(next_logits, step_rng, sampling)
+    token = jnp.where(done, sampling.pad_id, token)
+    tokens = tokens.at[:, i].set(token)
+    lengths = lengths + (~done).astype(jnp.int32)
+    done = done | (token == eos)
+    slot = t + i
+    key_valid = key_valid.at[:, slot].set(True)
+    mask = key_valid[:, None, :] & (slots[None, None, :] <= slot)
+    step_batch = {"input_ids": jnp.where(token < 0, 0, token)[:, None],
+                  "position_ids": next_position[:, None]}
+    step_logits, out = model.apply({"params": params}, step_batch, cache=cache, cache_index=slot,
+                                   attention_mask=mask)
+    return (i + 1, out["cache"], key_valid, step_logits[:, 0], next_position + 1, tokens, lengths,
+            done, rng)
+
+  state = (jnp.int32(0), out["cache"], key_valid, next_logits, next_position, tokens, lengths, done, rng)
+  state = jax.lax.while_loop(cond, body, state)
+  _, _, _, _, _, tokens, lengths, done, _ = state
+  return tokens, lengths, done
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled(model: Molmo, sampling: SamplingConfig):
+  return jax.jit(functools.partial(_generate, model=model, sampling=sampling))
+
+
+def generate(model: Molmo, params: Any, batch: Mapping[str, Any], sampling: SamplingConfig,
+             rng: Array | None = None) -> GenerationOutput:
+  """Generates for a right-padded batch (see molmo_jax.preprocess.examples.collate).
+
+  The compiled function is cached per (model config, sampling config) and input shapes; bucket
+  prompt lengths (bucket_length) to keep the number of compilations small. Params may be sharded
+  over a mesh: run inside `molmo_jax.sharding.activate(mesh)`.
+  """
+  keys = ("input_ids", "images", "image_masks", "image_input_idx", "position_ids")
+  batch = {k: jnp.asarray(batch[k]) for k in keys if batch.get(k) is not None}
+  rng = jax.random.PRNGKey(0) if rng is None else rng
+  tokens, lengths, done = _compiled(model, sampling)(params, batch, rng)
+  tokens, lengths, done = jax.device_get((tokens, lengths, done))
+  reasons = ["eos" if d else "length" for d in done]
+  return GenerationOutput(np.asarray(tokens), np.asarray(lengths), reasons)
+
+
+def full_forward_greedy(model: Molmo, params: Any, batch: Mapping[str, Any], steps: int) -> np.ndarray:
+  """Reference decoding without a cache: re-runs the whole sequence for every token (tests only).
+
+  Works on a batch of ONE example without padding.
+  """
+  batch = {k: jnp.asarray(v) for k, v in batch.items() if v is not None}
+  ids = batch["input_ids"]
+  out = []
+  apply = jax.jit(lambda p, b: model.apply({"params": p}, b)[0])
+  for _ in range(steps):
+    logits = apply(params, dict(batch, input_ids=ids))
+    token = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+    out.append(int(token[0]))
+    ids = jnp.concatenate([ids, token[:, None]], axis=1)
+  return np.asarray(out, np.int32)
