@@ -25,7 +25,8 @@ MMMU_RANDOM_SEED = 42
 
 
 def parse_multi_choice_response(response: str, all_choices: Sequence[str],
-                                index2ans: Mapping[str, str], rng: random.Random | None = None) -> str:
+                                index2ans: Mapping[str, str],
+                                rng: random.Random | None = None) -> str:
   """The option letter a multiple-choice response names.
 
   Args:

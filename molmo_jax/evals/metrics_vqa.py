@@ -24,8 +24,9 @@ _SINGLE_APOSTROPHE = (
   "how'll how's isn't it'd it'll ma'am mightn't might've mustn't must've needn't not've o'clock "
   "oughtn't shan't should've shouldn't somebody'll somebody's someone'd someone'll someone's "
   "something'd something'll that's there'd there're there's they'd they'll they're they've 'twas "
-  "wasn't we've weren't what'll what're what's what've when's where'd where's where've who'd who'll "
-  "who's who've why'll why're why's won't would've wouldn't y'all you'd you'll you're you've")
+  "wasn't we've weren't what'll what're what's what've when's where'd where's where've who'd "
+  "who'll who's who've why'll why're why's won't would've wouldn't y'all you'd you'll you're "
+  "you've")
 _SEVERAL_APOSTROPHES = (
   "couldn't've hadn't've he'd've it'd've mightn't've 'ow's'at she'd've shouldn't've somebody'd've "
   "someone'd've something'd've there'd've they'd've we'd've who'd've wouldn't've y'all'll "
@@ -78,7 +79,7 @@ def _process_digits_articles(text: str) -> str:
 
 
 def normalize_vqa_answer(text: str) -> str:
-  """Official VQA answer normalisation (lower-case, punctuation, number words, articles, contractions)."""
+  """Official VQA normalisation: case, punctuation, number words, articles, contractions."""
   text = text.replace("\n", " ").replace("\t", " ").lower().strip()
   return _process_digits_articles(_process_punctuation(text))
 
@@ -104,7 +105,7 @@ def vqa_score(prediction: str, references: Sequence[str]) -> float:
 
 
 def a_okvqa_score(prediction: str, references: Sequence[str]) -> float:
-  """VQA-style min(count / 3, 1) with only lower-case + strip normalisation (A-OKVQA direct answer)."""
+  """A-OKVQA direct answer: min(count / 3, 1) with only lower-case + strip normalisation."""
   refs = _check_references(references)
   counts = collections.Counter(r.lower().strip() for r in refs)
   return min(counts[prediction.lower().strip()] / 3.0, 1.0)

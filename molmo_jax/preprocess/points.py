@@ -20,16 +20,18 @@ in text order, as the reference returns them.
 
 Double counting of `Click(...)`: the reference applies the four patterns independently, so pattern
 2 also matches the `(x.x, y.y)` tail of every `Click(x.x, y.y)` and each click is returned twice.
-We drop that duplicate by default (`reference_compat=False`) because no reference metric depends on
-it: the pointing metric rejects any text containing `Click(` as an invalid format before matching,
-and counting reads the number from the text. Duplicates would only corrupt drawings and
-point counts. Pass `reference_compat=True` to get the reference's list exactly.
+We drop that duplicate by default (`reference_compat=False`) because reference metrics do not
+depend on it: the pointing metric scores a `Click(...)` answer 0 as an invalid format before any
+matching (a click could only slip through inside a tag's label text), and counting reads the
+number from the text. Duplicates would only corrupt drawings and point counts. Pass
+`reference_compat=True` to get the reference's list exactly.
 """
 
 from __future__ import annotations
 
 import os
 import re
+
 import numpy as np
 from PIL import Image, ImageDraw
 
@@ -94,11 +96,12 @@ def percent_to_pixels(points_pct, image_size) -> np.ndarray:
 
 
 def _rounded_sorted_percent(points_px, image_size) -> list[tuple[float, float]]:
-  percent = points_to_percent(points_px, image_size)
-  # Python's round() on each float, not np.round, so ties resolve exactly as in the reference.
-  rounded = [(round(float(x), 1), round(float(y), 1)) for x, y in percent]
-  rounded.sort(key=lambda p: p[0] * 10000 + p[1])
-  return rounded
+  # numpy rounding (scale by 10, round half to even), not Python's round(): the reference rounds
+  # numpy scalars, and e.g. 41.45 becomes 41.4 there but 41.5 with round().
+  rounded = np.round(points_to_percent(points_px, image_size), 1)
+  points = [(float(x), float(y)) for x, y in rounded]
+  points.sort(key=lambda p: p[0] * 10000 + p[1])
+  return points
 
 
 def format_points(points_px, image_size, label: str, alt: str | None = None) -> str:
@@ -131,7 +134,8 @@ def format_count_answer(points_px, image_size, label: str) -> str:
   return f"Counting the {tag} shows a total of {count}."
 
 
-def _matched_pairs(pattern: re.Pattern, text: str, scale: float, skip_ends: frozenset[int] = frozenset()):
+def _matched_pairs(pattern: re.Pattern, text: str, scale: float,
+                   skip_ends: frozenset[int] = frozenset()):
   pairs, ends = [], []
   for match in pattern.finditer(text):
     if match.end() in skip_ends:
@@ -168,7 +172,7 @@ def parse_points(text: str, image_size=None, reference_compat: bool = False) -> 
 
 
 def is_valid_point_format(text: str) -> bool:
-  """Whether the whole (stripped) answer is a point list or point tag(s) (reference `is_valid_format`).
+  """Whether the whole stripped answer is a point list or point tag(s) (`is_valid_format`).
 
   The pointing metric scores an answer 0 when this is False, whatever points it contains.
   """
