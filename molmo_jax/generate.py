@@ -157,15 +157,22 @@ def generate(model: Molmo, params: Any, batch: Mapping[str, Any], sampling: Samp
 def full_forward_greedy(model: Molmo, params: Any, batch: Mapping[str, Any], steps: int) -> np.ndarray:
   """Reference decoding without a cache: re-runs the whole sequence for every token (tests only).
 
-  Works on a batch of ONE example without padding.
+  Works on a batch of ONE unpadded example. The sequence lives in a fixed buffer right-padded with
+  -1 (padding keys are masked and do not shift positions), so this compiles once.
   """
   batch = {k: jnp.asarray(v) for k, v in batch.items() if v is not None}
   ids = batch["input_ids"]
+  length = ids.shape[1]
+  buffer = jnp.concatenate([ids, jnp.full((1, steps), -1, jnp.int32)], axis=1)
+
+  @jax.jit
+  def next_token(params, buffer, position):
+    logits = model.apply({"params": params}, dict(batch, input_ids=buffer))[0]
+    return jnp.argmax(logits[0, position]).astype(jnp.int32)
+
   out = []
-  apply = jax.jit(lambda p, b: model.apply({"params": p}, b)[0])
-  for _ in range(steps):
-    logits = apply(params, dict(batch, input_ids=ids))
-    token = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
-    out.append(int(token[0]))
-    ids = jnp.concatenate([ids, token[:, None]], axis=1)
+  for i in range(steps):
+    token = next_token(params, buffer, length - 1 + i)
+    out.append(int(token))
+    buffer = buffer.at[0, length + i].set(token)
   return np.asarray(out, np.int32)

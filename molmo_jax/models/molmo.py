@@ -109,3 +109,31 @@ class Molmo(nn.Module):
       attention_mask = text_attention_mask(input_ids, batch.get("subsegment_ids"))
     logits, out = self.llm(x, positions, attention_mask, cache, cache_index, batch.get("response_mask"))
     return logits, out
+
+
+def example_batch_shapes(config: MolmoConfig, batch: int = 1, length: int = 8, crops: int = 1
+                         ) -> dict[str, jax.ShapeDtypeStruct]:
+  """Abstract inputs with the model's crop geometry, for `jax.eval_shape(model.init, ...)`."""
+  v, c = config.vision, config.connector
+  pooled = -(-v.grid_size // c.pool_height) * -(-v.grid_size // c.pool_width)
+  return {"input_ids": jax.ShapeDtypeStruct((batch, length), jnp.int32),
+          "images": jax.ShapeDtypeStruct((batch, crops, v.num_patches, v.patch_dim), jnp.float32),
+          "image_masks": jax.ShapeDtypeStruct((batch, crops, v.num_patches), jnp.float32),
+          "image_input_idx": jax.ShapeDtypeStruct((batch, crops, pooled), jnp.int32)}
+
+
+def abstract_variables(config: MolmoConfig) -> Any:
+  """Boxed (nn.Partitioned) parameter shapes, without allocating anything."""
+  return jax.eval_shape(Molmo(config).init, jax.random.PRNGKey(0), example_batch_shapes(config))
+
+
+def abstract_params(config: MolmoConfig, mesh: jax.sharding.Mesh | None = None) -> Any:
+  """ShapeDtypeStructs of the parameter tree, with NamedShardings when a mesh is given."""
+  from molmo_jax import sharding
+  boxed = abstract_variables(config)["params"]
+  shapes = nn.unbox(boxed)
+  if mesh is None:
+    return shapes
+  shardings = sharding.param_shardings(boxed, mesh)
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
+                      shardings)

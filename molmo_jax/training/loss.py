@@ -69,8 +69,8 @@ def loss_sums(logits: jax.Array, targets: jax.Array, weights: jax.Array,
     z_loss_weight: scale of the z-loss (the reference uses 1e-4 when enabled; 0 disables it).
 
   Returns:
-    ce_sum = Σ CE·w; z_sum = z_loss_weight · Σ lse²·w; weight_sum = Σw; token_count = tokens with
-    a valid target and w != 0; correct_count = how many of those the argmax predicts;
+    ce_sum = Σ CE·w; z_sum = z_loss_weight · Σ lse²·w; weight_sum = Σw; token_count = tokens
+    with a valid target and w != 0; correct_count = how many of those the argmax predicts;
     out_of_range_count = tokens with w != 0 whose target is >= V.
   """
   _check_shapes(logits, targets, weights)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Any, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -89,7 +89,8 @@ class OptimizerConfig:
     for name in COMPONENTS:
       sched = getattr(self, name)
       if not isinstance(sched, ComponentSchedule):
-        raise ValueError(f"optimizer.{name}: expected a ComponentSchedule, got {type(sched).__name__}")
+        raise ValueError(f"optimizer.{name}: expected a ComponentSchedule, "
+                         f"got {type(sched).__name__}")
       _validate_schedule(f"optimizer.{name}", sched.learning_rate, sched.warmup_steps,
                          self.total_steps, self.alpha_f)
     if self.max_grad_norm is not None and not self.max_grad_norm > 0:
@@ -98,7 +99,8 @@ class OptimizerConfig:
       try:
         re.compile(pattern)
       except re.error as e:
-        raise ValueError(f"optimizer.frozen_patterns: {pattern!r} is not a valid regex: {e}") from None
+        raise ValueError(f"optimizer.frozen_patterns: {pattern!r} is not a valid regex: "
+                         f"{e}") from None
 
   @classmethod
   def from_mapping(cls, cfg: Mapping[str, Any]) -> "OptimizerConfig":
@@ -299,8 +301,8 @@ class MolmoOptimizer:
 
 def component_grad_norms(opt_state: Any) -> dict[str, jax.Array]:
   """Finds the ComponentClipState anywhere in an optimizer state (also inside wrappers)."""
-  found = [x for x in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, ComponentClipState))
-           if isinstance(x, ComponentClipState)]
+  is_clip_state = lambda x: isinstance(x, ComponentClipState)
+  found = [x for x in jax.tree.leaves(opt_state, is_leaf=is_clip_state) if is_clip_state(x)]
   if len(found) != 1:
     raise ValueError(f"opt_state: expected exactly one ComponentClipState, found {len(found)}; "
                      "was it built by build_optimizer?")
@@ -315,7 +317,8 @@ def build_optimizer(train_cfg: OptimizerConfig | Mapping[str, Any], params_or_sh
     train_cfg: an OptimizerConfig, or a dict / ConfigDict with its fields.
     params_or_shapes: the parameter tree (arrays or jax.ShapeDtypeStruct); only paths are read.
   """
-  cfg = train_cfg if isinstance(train_cfg, OptimizerConfig) else OptimizerConfig.from_mapping(train_cfg)
+  cfg = (train_cfg if isinstance(train_cfg, OptimizerConfig)
+         else OptimizerConfig.from_mapping(train_cfg))
   labels = param_groups(params_or_shapes, cfg.frozen_patterns)
   present = set(jax.tree.leaves(labels))
   schedules = {}

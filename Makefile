@@ -1,0 +1,36 @@
+# The two commands of the README. Each creates .venv on first use and installs what it needs.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: demo test install install-tpu clean-venv
+
+$(VENV)/.installed-base: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed-base
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $@
+
+$(VENV)/.installed-tpu: $(VENV)/.installed-test
+	$(PY) -m pip install --quiet -e ".[tpu]"
+	touch $@
+
+install: $(VENV)/.installed-test
+
+install-tpu: $(VENV)/.installed-tpu
+
+# Main job: train a tiny Molmo on synthetic data, evaluate it, draw its points (CPU, ~10 min).
+demo: $(VENV)/.installed-base
+	$(PY) -m molmo_jax.demo --workdir outputs/demo
+
+# The test suite (CPU-only JAX with 8 simulated devices; see tests/conftest.py).
+test: $(VENV)/.installed-tpu
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+clean-venv:
+	rm -rf $(VENV)

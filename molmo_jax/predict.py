@@ -1,0 +1,84 @@
+"""Command line: ask a checkpoint about images.
+
+  python -m molmo_jax.predict --checkpoint DIR --image bike.jpg --prompt "Point to the bike"
+  python -m molmo_jax.predict --checkpoint DIR --image a.jpg --prompt "Describe" \\
+      --image b.jpg --prompt "How many cats?" --json --draw out.png
+
+Pairs of --image/--prompt run as batches. --json prints one object per answer (answer, points in
+pixels of the original image, count, finish reason). --draw saves each image with its predicted
+points (OUT.png for one image, OUT-<i>.png for several).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from molmo_jax.generate import SamplingConfig
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(prog="python -m molmo_jax.predict", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--checkpoint", required=True, help="model directory (converted or trained)")
+  p.add_argument("--image", action="append", default=[], help="image path (repeatable)")
+  p.add_argument("--prompt", action="append", default=[], help="question (repeatable, pairs with --image)")
+  p.add_argument("--style", default=None, help="style prefix, e.g. vqa2 (default: none, as the demo)")
+  p.add_argument("--max-new-tokens", type=int, default=192)
+  p.add_argument("--temperature", type=float, default=0.0)
+  p.add_argument("--top-k", type=int, default=0)
+  p.add_argument("--top-p", type=float, default=1.0)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--max-crops", type=int, default=None)
+  p.add_argument("--batch-size", type=int, default=8)
+  p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+  p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+  p.add_argument("--json", action="store_true", help="print JSON lines")
+  p.add_argument("--draw", default=None, help="PNG path for the image(s) with predicted points")
+  args = p.parse_args(argv)
+  if not args.prompt:
+    p.error("at least one --prompt is needed")
+  if args.image and len(args.image) != len(args.prompt):
+    p.error(f"{len(args.image)} --image but {len(args.prompt)} --prompt; give them in pairs")
+  for path in args.image:
+    if not Path(path).is_file():
+      p.error(f"--image {path}: no such file")
+  return args
+
+
+def draw_paths(base: str, n: int) -> list[Path]:
+  base = Path(base)
+  if n == 1:
+    return [base]
+  return [base.with_name(f"{base.stem}-{i}{base.suffix or '.png'}") for i in range(n)]
+
+
+def main(argv=None) -> int:
+  args = parse_args(argv)
+  from molmo_jax.predictor import Predictor
+  from molmo_jax.preprocess import image as image_lib, points as points_lib
+
+  predictor = Predictor.from_checkpoint(args.checkpoint, dtype=args.dtype, max_crops=args.max_crops)
+  images = args.image or [None] * len(args.prompt)
+  sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                            top_k=args.top_k, top_p=args.top_p)
+  preds = list(predictor.predict_many(images, args.prompt, batch_size=args.batch_size,
+                                      progress=len(args.prompt) > args.batch_size, sampling=sampling,
+                                      style=args.style, stop_strings=args.stop, seed=args.seed))
+  for img, prompt, pred in zip(images, args.prompt, preds):
+    if args.json:
+      print(json.dumps({"image": img, "prompt": prompt, **pred.to_json()}))
+    else:
+      print(pred.text if len(preds) == 1 else f"[{img}] {prompt}\n{pred.text}\n")
+  if args.draw:
+    drawable = [(img, pred) for img, pred in zip(images, preds) if img is not None]
+    for (img, pred), path in zip(drawable, draw_paths(args.draw, len(drawable))):
+      points_lib.draw_points(image_lib.load_image(img), pred.points, out_path=path)
+      print(f"wrote {path}", file=sys.stderr)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

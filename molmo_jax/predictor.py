@@ -1,0 +1,141 @@
+"""Ask a Molmo checkpoint about images in three lines.
+
+    predictor = Predictor.from_checkpoint("ckpt/molmo-7b-d")
+    answer = predictor.ask("bike.jpg", "Point to the bike")
+    print(answer.text, answer.points)
+
+The predictor owns the config, the parameters (optionally sharded over a mesh), the tokenizer and
+the pre-processing; batching, bucketing of prompt lengths and point parsing happen here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from molmo_jax import sharding
+from molmo_jax.config import MolmoConfig
+from molmo_jax.generate import GenerationOutput, SamplingConfig, bucket_length, generate
+from molmo_jax.models.molmo import Molmo, abstract_params
+from molmo_jax.preprocess import examples, image as image_lib, points as points_lib
+from molmo_jax.preprocess.tokens import MolmoTokenizer
+
+
+@dataclasses.dataclass
+class Prediction:
+  text: str
+  finish_reason: str                 # eos | length | stop
+  tokens: list[int]
+  image_size: tuple[int, int] | None  # (w, h) of the original image; points are relative to it
+  points: np.ndarray                 # [K, 2] pixels, parsed from the answer (empty if none)
+
+  @property
+  def count(self) -> int | None:
+    """Number stated by a counting answer ("... a total of N.", "There are none."), else None."""
+    from molmo_jax.evals.metrics import parse_count
+    return parse_count(self.text)
+
+  def to_json(self) -> dict[str, Any]:
+    return {"answer": self.text, "finish_reason": self.finish_reason,
+            "image_size": list(self.image_size) if self.image_size else None,
+            "points": self.points.round(2).tolist(), "count": self.count}
+
+
+def apply_stop_strings(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+  cut = min((text.find(s) for s in stop if s and s in text), default=-1)
+  return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+class Predictor:
+  """Generation front end over a model directory (see molmo_jax.training.checkpoint)."""
+
+  def __init__(self, config: MolmoConfig, params: Any, tokenizer: MolmoTokenizer, *,
+               mesh: jax.sharding.Mesh | None = None, max_crops: int | None = None,
+               length_bucket: int = 64):
+    self.config = config
+    self.model = Molmo(config)
+    self.params = params
+    self.tokenizer = tokenizer
+    self.mesh = mesh
+    self.max_crops = config.preprocess.max_crops if max_crops is None else max_crops
+    self.length_bucket = length_bucket
+
+  @classmethod
+  def from_checkpoint(cls, directory: str | os.PathLike, *, dtype: str | None = None,
+                      mesh: jax.sharding.Mesh | None = None, max_crops: int | None = None
+                      ) -> "Predictor":
+    """Loads params, config and tokenizer; `dtype` ("bfloat16"/"float32") overrides compute and
+    parameter dtype; with `mesh` the params are restored directly into their shardings."""
+    from molmo_jax.training.checkpoint import load_model_checkpoint
+    config_path = Path(directory) / "config.json"
+    if not config_path.is_file():
+      raise FileNotFoundError(f"{directory}: no config.json; not a model directory")
+    config = MolmoConfig.from_json(config_path.read_text())
+    if dtype is not None:
+      config = config.replace(dtype=dtype, param_dtype=dtype)
+    expected = abstract_params(config, mesh)
+    ckpt = load_model_checkpoint(directory, expected_params=expected)
+    if ckpt.tokenizer_dir is None:
+      raise FileNotFoundError(f"{directory}: no tokenizer/ folder; copy the tokenizer files there")
+    tokenizer = MolmoTokenizer.from_checkpoint(ckpt.tokenizer_dir, config.llm.vocab_size)
+    return cls(config, ckpt.params, tokenizer, mesh=mesh, max_crops=max_crops)
+
+  def _example(self, image: Any, prompt: str, style: str | None) -> tuple[dict, tuple[int, int] | None]:
+    if image is None:
+      return examples.build_example([prompt], None, self.tokenizer, self.config, for_training=False,
+                                    style=style), None
+    pixels = image_lib.load_image(image)
+    crops = image_lib.multicrop_image(pixels, self.config.preprocess, max_crops=self.max_crops)
+    ex = examples.build_example([prompt], [crops], self.tokenizer, self.config, for_training=False,
+                                style=style)
+    return ex, crops.original_size
+
+  def predict(self, images: Sequence[Any], prompts: Sequence[str], *,
+              sampling: SamplingConfig | None = None, style: str | None = None,
+              stop_strings: Sequence[str] = (), seed: int = 0) -> list[Prediction]:
+    """One batch: images[i] (path, bytes, PIL, array or None) with prompts[i]."""
+    if len(images) != len(prompts):
+      raise ValueError(f"predict: {len(images)} images but {len(prompts)} prompts")
+    sampling = sampling or SamplingConfig()
+    sampling = dataclasses.replace(sampling, eos_id=self.tokenizer.eos_id)
+    built = [self._example(img, p, style) for img, p in zip(images, prompts)]
+    seq_len = bucket_length(max(len(ex["input_ids"]) for ex, _ in built), self.length_bucket)
+    batch = examples.collate([ex for ex, _ in built], seq_len, self.max_crops)
+    out = self._generate(batch, sampling, seed)
+    preds = []
+    for i, (_, size) in enumerate(built):
+      tokens = [int(t) for t in out.tokens[i, :out.lengths[i]]]
+      text_tokens = [t for t in tokens if t != self.tokenizer.eos_id]
+      text, stopped = apply_stop_strings(self.tokenizer.decode(text_tokens), stop_strings)
+      reason = "stop" if stopped else out.finish_reasons[i]
+      pts = points_lib.parse_points(text, size) if size else np.zeros((0, 2), np.float32)
+      preds.append(Prediction(text.strip(), reason, tokens, size, pts))
+    return preds
+
+  def _generate(self, batch: dict, sampling: SamplingConfig, seed: int) -> GenerationOutput:
+    rng = jax.random.PRNGKey(seed)
+    if self.mesh is None:
+      return generate(self.model, self.params, batch, sampling, rng)
+    with sharding.activate(self.mesh):
+      batch = {k: jax.device_put(np.asarray(v), sharding.data_sharding(self.mesh, np.ndim(v)))
+               for k, v in batch.items()}
+      return generate(self.model, self.params, batch, sampling, rng)
+
+  def ask(self, image: Any, prompt: str, **kwargs) -> Prediction:
+    return self.predict([image], [prompt], **kwargs)[0]
+
+  def predict_many(self, images: Sequence[Any], prompts: Sequence[str], batch_size: int = 8,
+                   progress: bool = False, **kwargs) -> Iterable[Prediction]:
+    """Splits a long list into batches; yields predictions in order."""
+    starts = range(0, len(prompts), batch_size)
+    if progress:
+      from tqdm import tqdm
+      starts = tqdm(starts, total=len(starts), unit="batch")
+    for s in starts:
+      yield from self.predict(images[s:s + batch_size], prompts[s:s + batch_size], **kwargs)

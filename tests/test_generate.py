@@ -1,0 +1,149 @@
+"""KV-cache generation: exactness against full forward passes, batching, meshes, sampling."""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from molmo_jax import config as C
+from molmo_jax import sharding
+from molmo_jax.generate import (SamplingConfig, choose_tokens, filter_logits, full_forward_greedy,
+                                generate)
+from molmo_jax.models.molmo import Molmo, abstract_params
+
+STEPS = 6
+
+
+def _example(cfg, rng, length, crops):
+  """One unpadded example with `crops` present crops; feature slots point at tokens 1..."""
+  v = cfg.vision
+  q = (v.grid_size // 2) ** 2
+  ids = rng.integers(0, cfg.llm.vocab_size, (1, length)).astype(np.int32)
+  images = rng.normal(size=(1, crops, v.num_patches, v.patch_dim)).astype(np.float32)
+  masks = rng.choice([0.0, 0.5, 1.0], size=(1, crops, v.num_patches)).astype(np.float32)
+  idx = np.full((1, crops, q), -100, np.int32)
+  n_feat = min(length - 2, crops * 3)
+  idx.reshape(1, -1)[0, :n_feat] = np.arange(1, n_feat + 1)
+  return dict(input_ids=ids, images=images, image_masks=masks, image_input_idx=idx)
+
+
+def _pad_batch(examples, length, crops):
+  """Right-pads token ids with -1 and crops with absent (-1) rows, as the collator does."""
+  out = {}
+  for key in examples[0]:
+    rows = []
+    for ex in examples:
+      x = ex[key]
+      if key == "input_ids":
+        x = np.pad(x, ((0, 0), (0, length - x.shape[1])), constant_values=-1)
+      else:
+        pad = [(0, 0)] * x.ndim
+        pad[1] = (0, crops - x.shape[1])
+        x = np.pad(x, pad, constant_values=-1)
+      rows.append(x)
+    out[key] = np.concatenate(rows, 0)
+  return out
+
+
+def _params(cfg, example):
+  return nn.unbox(Molmo(cfg).init(jax.random.PRNGKey(0), example))["params"]
+
+
+@pytest.mark.parametrize("family", ["qwen2", "olmo", "olmoe"])
+def test_cached_greedy_equals_full_forward_and_batching_is_transparent(family):
+  cfg = C.tiny(family)
+  model = Molmo(cfg)
+  rng = np.random.default_rng(0)
+  a = _example(cfg, rng, length=11, crops=3)
+  b = _example(cfg, rng, length=6, crops=1)
+  params = _params(cfg, a)
+  ref_a = full_forward_greedy(model, params, a, STEPS)
+  ref_b = full_forward_greedy(model, params, b, STEPS)
+  alone_b = generate(model, params, b, SamplingConfig(max_new_tokens=STEPS)).tokens[0]
+  batch = _pad_batch([a, b], length=16, crops=3)
+  out = generate(model, params, batch, SamplingConfig(max_new_tokens=STEPS))
+  np.testing.assert_array_equal(out.tokens[0], ref_a)
+  np.testing.assert_array_equal(out.tokens[1], ref_b)
+  np.testing.assert_array_equal(alone_b, ref_b)
+  assert out.finish_reasons == ["length", "length"]
+  assert out.lengths.tolist() == [STEPS, STEPS]
+
+
+def test_eos_stops_an_example_and_pads_after_it():
+  cfg = C.tiny("qwen2")
+  model = Molmo(cfg)
+  ex = _example(cfg, np.random.default_rng(1), length=9, crops=2)
+  params = _params(cfg, ex)
+  ref = full_forward_greedy(model, params, ex, STEPS)
+  eos = int(ref[2])
+  first = int(np.argmax(ref == eos))
+  out = generate(model, params, ex, SamplingConfig(max_new_tokens=STEPS, eos_id=eos, pad_id=-1))
+  assert out.finish_reasons == ["eos"]
+  assert out.lengths[0] == first + 1
+  np.testing.assert_array_equal(out.tokens[0, :first + 1], ref[:first + 1])
+  assert (out.tokens[0, first + 1:] == -1).all()
+
+
+@pytest.mark.parametrize("family,mesh_shape", [
+    ("qwen2", dict(data=8)),
+    ("qwen2", dict(data=2, fsdp=2, tensor=2)),
+    ("olmoe", dict(data=2, fsdp=1, tensor=2, expert=2)),
+])
+def test_generation_on_a_mesh_equals_single_device(family, mesh_shape):
+  cfg = C.tiny(family)
+  model = Molmo(cfg)
+  rng = np.random.default_rng(2)
+  exs = [_example(cfg, rng, length=int(rng.integers(4, 12)), crops=int(rng.integers(1, 4)))
+         for _ in range(8)]
+  batch = _pad_batch(exs, length=12, crops=3)
+  params = _params(cfg, exs[0])
+  single = generate(model, params, batch, SamplingConfig(max_new_tokens=STEPS))
+
+  mesh = sharding.make_mesh(**mesh_shape)
+  target = abstract_params(cfg, mesh)
+  sharded = jax.tree.map(lambda p, t: jax.device_put(p, t.sharding), params, target)
+  with sharding.activate(mesh):
+    sharded_batch = {k: jax.device_put(v, sharding.data_sharding(mesh, v.ndim)) for k, v in batch.items()}
+    out = generate(model, sharded, sharded_batch, SamplingConfig(max_new_tokens=STEPS))
+  np.testing.assert_array_equal(out.tokens, single.tokens)
+  if family == "olmoe":
+    spec = target["llm"]["blocks"]["moe"]["gate"].sharding.spec
+    assert spec[1] == "expert", spec
+
+
+def test_sampling_is_reproducible_and_seed_dependent():
+  cfg = C.tiny("qwen2")
+  model = Molmo(cfg)
+  ex = _example(cfg, np.random.default_rng(3), length=8, crops=1)
+  params = _params(cfg, ex)
+  # Flatten the head so that sampling has real choices to make.
+  params = jax.tree.map(lambda x: x, params)
+  params["llm"]["lm_head"] = params["llm"]["lm_head"] * 0.01
+  sampling = SamplingConfig(max_new_tokens=12, temperature=1.0)
+  one = generate(model, params, ex, sampling, jax.random.PRNGKey(7)).tokens
+  two = generate(model, params, ex, sampling, jax.random.PRNGKey(7)).tokens
+  other = generate(model, params, ex, sampling, jax.random.PRNGKey(8)).tokens
+  np.testing.assert_array_equal(one, two)
+  assert not np.array_equal(one, other)
+
+
+def test_top_k_and_top_p_filter_a_constructed_distribution():
+  probs = jnp.asarray([[0.5, 0.25, 0.15, 0.07, 0.03]])
+  logits = jnp.log(probs)
+  kept = lambda x: np.isfinite(np.asarray(x)) & (np.asarray(x) > -1e30)
+  assert kept(filter_logits(logits, top_k=2, top_p=1.0)).tolist() == [[True, True, False, False, False]]
+  # Mass before each token: 0, .5, .75, .9, .97 -> top_p=0.8 keeps the first three.
+  assert kept(filter_logits(logits, top_k=0, top_p=0.8)).tolist() == [[True, True, True, False, False]]
+  assert kept(filter_logits(logits, top_k=0, top_p=0.1)).tolist() == [[True, False, False, False, False]]
+  # Empirical frequencies under top-k=2 follow the renormalised (2/3, 1/3).
+  sampling = SamplingConfig(temperature=1.0, top_k=2)
+  keys = jax.random.split(jax.random.PRNGKey(0), 4000)
+  draws = jax.vmap(lambda k: choose_tokens(logits, k, sampling)[0])(keys)
+  freq = np.bincount(np.asarray(draws), minlength=5) / 4000
+  assert freq[2:].sum() == 0
+  assert abs(freq[0] - 2 / 3) < 0.03
+  greedy = choose_tokens(logits, jax.random.PRNGKey(0), dataclasses.replace(sampling, temperature=0.0))
+  assert int(greedy[0]) == 0
