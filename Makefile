@@ -26,7 +26,7 @@ install-tpu: $(VENV)/.installed-tpu
 
 # Main job: train a tiny Molmo on synthetic data, evaluate it, draw its points (CPU, ~10 min).
 demo: $(VENV)/.installed-base
-	$(PY) -m molmo_jax.demo --workdir outputs/demo
+	JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu} $(PY) -m molmo_jax.demo --workdir outputs/demo
 
 # The test suite (CPU-only JAX with 8 simulated devices; see tests/conftest.py).
 test: $(VENV)/.installed-tpu

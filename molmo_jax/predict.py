@@ -58,7 +58,7 @@ def draw_paths(base: str, n: int) -> list[Path]:
 def main(argv=None) -> int:
   args = parse_args(argv)
   from molmo_jax.predictor import Predictor
-  from molmo_jax.preprocess import image as image_lib, points as points_lib
+  from molmo_jax.preprocess import image_io, points as points_lib
 
   predictor = Predictor.from_checkpoint(args.checkpoint, dtype=args.dtype, max_crops=args.max_crops)
   images = args.image or [None] * len(args.prompt)
@@ -75,7 +75,7 @@ def main(argv=None) -> int:
   if args.draw:
     drawable = [(img, pred) for img, pred in zip(images, preds) if img is not None]
     for (img, pred), path in zip(drawable, draw_paths(args.draw, len(drawable))):
-      points_lib.draw_points(image_lib.load_image(img), pred.points, out_path=path)
+      points_lib.draw_points(image_io.load_image(img), pred.points, out_path=path)
       print(f"wrote {path}", file=sys.stderr)
   return 0
 

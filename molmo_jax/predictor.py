@@ -23,7 +23,7 @@ from molmo_jax import sharding
 from molmo_jax.config import MolmoConfig
 from molmo_jax.generate import GenerationOutput, SamplingConfig, bucket_length, generate
 from molmo_jax.models.molmo import Molmo, abstract_params
-from molmo_jax.preprocess import examples, image as image_lib, points as points_lib
+from molmo_jax.preprocess import examples, image as image_lib, image_io, points as points_lib
 from molmo_jax.preprocess.tokens import MolmoTokenizer
 
 
@@ -90,7 +90,7 @@ class Predictor:
     if image is None:
       return examples.build_example([prompt], None, self.tokenizer, self.config, for_training=False,
                                     style=style), None
-    pixels = image_lib.load_image(image)
+    pixels = image_io.load_image(image)
     crops = image_lib.multicrop_image(pixels, self.config.preprocess, max_crops=self.max_crops)
     ex = examples.build_example([prompt], [crops], self.tokenizer, self.config, for_training=False,
                                 style=style)

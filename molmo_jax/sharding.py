@@ -94,8 +94,12 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, expert: int = 1,
 
 @contextlib.contextmanager
 def activate(mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> Iterator[Mesh]:
-  """Context in which `nn.with_logical_constraint` inside the model binds to `mesh`."""
-  with mesh, nn.logical_axis_rules(rules):
+  """Context in which `nn.with_logical_constraint` inside the model binds to `mesh`.
+
+  `jax.set_mesh` (not the deprecated `with mesh:`) is what makes flax see a global mesh: under
+  the old context manager every activation constraint silently became a no-op.
+  """
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     yield mesh
 
 

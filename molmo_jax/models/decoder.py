@@ -131,7 +131,7 @@ class Decoder(nn.Module):
     over layers). Dropout runs only when a "dropout" rng is supplied.
     """
     x, (new_cache, aux) = self.blocks(x, positions, mask, response_mask, cache, cache_index)
-    hidden = self.final_norm(x)
+    hidden = constrain(self.final_norm(x), ("activation_batch", "activation_length", "activation_embed"))
     logits = jnp.einsum("btd,dv->btv", hidden, self.lm_head.astype(self.dtype),
                         preferred_element_type=jnp.float32)
     logits = constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))

@@ -36,6 +36,46 @@ def constrain(x: Array, names: tuple[str | None, ...]) -> Array:
   return nn.with_logical_constraint(x, names)
 
 
+# Logical names of the activations that matter for layout. Pinning the input AND output of every
+# matmul leaves GSPMD one choice for an FSDP-sharded kernel: gather the weight. Without both pins
+# it may instead keep the weight sharded and compute full-batch partial sums (a [B, T, V] logits
+# buffer per chip for the LM head).
+BTD = ("activation_batch", "activation_length", "activation_embed")
+BTF = ("activation_batch", "activation_length", "activation_mlp")
+BTNH = ("activation_batch", "activation_length", "activation_heads", "activation_head_dim")
+BTKH = ("activation_batch", "activation_length", "activation_kv_heads", "activation_head_dim")
+
+
+class DenseGeneral(nn.Module):
+  """y = x . kernel (+ bias), contracting the last `len(in_shape)` axes of x.
+
+  kernel: [*in_shape, *features] with logical names `axes`; bias: [*features]. (Flax's own
+  DenseGeneral reshapes its kernel to 2-D before applying the logical constraint, which fails
+  once a global mesh is set; this version keeps the kernel's true rank.)
+  """
+
+  features: int | tuple[int, ...]
+  axes: tuple[str | None, ...]
+  contract: int = 1
+  use_bias: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
+    in_shape = x.shape[x.ndim - self.contract:]
+    kernel = self.param("kernel", logical(dense_init(), self.axes), in_shape + features,
+                        self.param_dtype)
+    dims = (tuple(range(x.ndim - self.contract, x.ndim)), tuple(range(self.contract)))
+    y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (dims, ((), ())))
+    if self.use_bias:
+      bias = self.param("bias", logical(nn.initializers.zeros, self.axes[self.contract:]), features,
+                        self.param_dtype)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
 class RMSNorm(nn.Module):
   """x * rsqrt(mean(x^2) + eps), in float32, cast back, times `scale` (no bias, no 1+w offset)."""
 
@@ -115,9 +155,12 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array | None) -> A
   q = q.reshape(b, t, num_kv, groups, head_dim)
   scores = jnp.einsum("btkgh,bskh->bkgts", q.astype(jnp.float32), k.astype(jnp.float32))
   scores = scores / jnp.sqrt(jnp.float32(head_dim))
+  # GSPMD loses the batch sharding through the head reshape; pin it on the largest tensors.
+  scores_axes = ("activation_batch", "activation_kv_heads", None, "activation_length", None)
+  scores = constrain(scores, scores_axes)
   if mask is not None:
     scores = jnp.where(mask[:, None, None, :, :], scores, NEG_INF)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  probs = constrain(jax.nn.softmax(scores, axis=-1).astype(v.dtype), scores_axes)
   out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
   return out.reshape(b, t, num_heads, head_dim)
 
@@ -136,14 +179,13 @@ class SwiGLU(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     def proj(name, features, axes):
-      return nn.Dense(features, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-                      kernel_init=logical(dense_init(), axes), name=name)
+      return DenseGeneral(features, axes, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
 
-    gate = proj("gate", self.hidden, (self.in_axis, self.hidden_axis))(x)
-    up = proj("up", self.hidden, (self.in_axis, self.hidden_axis))(x)
+    x = constrain(x, BTD)
+    gate = constrain(proj("gate", self.hidden, (self.in_axis, self.hidden_axis))(x), BTF)
+    up = constrain(proj("up", self.hidden, (self.in_axis, self.hidden_axis))(x), BTF)
     h = checkpoint_name(nn.silu(gate) * up, "mlp_hidden")
-    h = constrain(h, ("activation_batch", "activation_length", "activation_mlp"))
-    return proj("down", self.out_features, (self.hidden_axis, self.out_axis))(h)
+    return constrain(proj("down", self.out_features, (self.hidden_axis, self.out_axis))(h), BTD)
 
 
 class MultiHeadAttention(nn.Module):
@@ -164,21 +206,17 @@ class MultiHeadAttention(nn.Module):
   @nn.compact
   def __call__(self, inputs_q: Array, inputs_kv: Array) -> Array:
     def proj(name):
-      return nn.DenseGeneral(
-          (self.num_heads, self.head_dim), use_bias=True, dtype=self.dtype,
-          param_dtype=self.param_dtype, name=name,
-          kernel_init=logical(dense_init(), (self.in_axis, self.heads_axis, "head_dim")),
-          bias_init=logical(nn.initializers.zeros, (self.heads_axis, "head_dim")))
+      return DenseGeneral((self.num_heads, self.head_dim), (self.in_axis, self.heads_axis, "head_dim"),
+                          use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
 
-    q = proj("query")(inputs_q)
-    k = proj("key")(inputs_kv)
-    v = proj("value")(inputs_kv)
-    out = dot_product_attention(q, k, v, mask=None)
-    return nn.DenseGeneral(
-        self.out_features, axis=(-2, -1), use_bias=True, dtype=self.dtype,
-        param_dtype=self.param_dtype, name="out",
-        kernel_init=logical(dense_init(), (self.heads_axis, "head_dim", self.out_axis)),
-        bias_init=logical(nn.initializers.zeros, (self.out_axis,)))(out)
+    inputs_q, inputs_kv = constrain(inputs_q, BTD), constrain(inputs_kv, BTD)
+    q = constrain(proj("query")(inputs_q), BTNH)
+    k = constrain(proj("key")(inputs_kv), BTNH)
+    v = constrain(proj("value")(inputs_kv), BTNH)
+    out = constrain(dot_product_attention(q, k, v, mask=None), BTNH)
+    out = DenseGeneral(self.out_features, (self.heads_axis, "head_dim", self.out_axis), contract=2,
+                       use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype, name="out")(out)
+    return constrain(out, BTD)
 
 
 class DecoderAttention(nn.Module):
@@ -205,12 +243,11 @@ class DecoderAttention(nn.Module):
     b, t, _ = x.shape
 
     def proj(name, heads, heads_axis):
-      return nn.DenseGeneral(
-          (heads, self.head_dim), use_bias=self.qkv_bias, dtype=self.dtype,
-          param_dtype=self.param_dtype, name=name,
-          kernel_init=logical(dense_init(), ("embed", heads_axis, "head_dim")),
-          bias_init=logical(nn.initializers.zeros, (heads_axis, "head_dim")))
+      return DenseGeneral((heads, self.head_dim), ("embed", heads_axis, "head_dim"),
+                          use_bias=self.qkv_bias, dtype=self.dtype, param_dtype=self.param_dtype,
+                          name=name)
 
+    x = constrain(x, BTD)
     q = checkpoint_name(proj("query", self.num_heads, "heads")(x), "query_proj")
     k = checkpoint_name(proj("key", self.num_kv_heads, "kv_heads")(x), "key_proj")
     v = checkpoint_name(proj("value", self.num_kv_heads, "kv_heads")(x), "value_proj")
@@ -221,8 +258,7 @@ class DecoderAttention(nn.Module):
       k = norm("k_norm")(k.reshape(b, t, -1)).reshape(k.shape)
     cos, sin = rope_angles(positions, self.head_dim, self.rope_theta)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    q = constrain(q, ("activation_batch", "activation_length", "activation_heads", "activation_head_dim"))
-    k = constrain(k, ("activation_batch", "activation_length", "activation_kv_heads", "activation_head_dim"))
+    q, k, v = constrain(q, BTNH), constrain(k, BTKH), constrain(v, BTKH)
 
     new_cache = None
     if cache is not None:
@@ -231,11 +267,10 @@ class DecoderAttention(nn.Module):
       v = jax.lax.dynamic_update_slice(cache["value"], v.astype(cache["value"].dtype), start)
       new_cache = {"key": k, "value": v}
     out = dot_product_attention(q, k, v, mask)
-    out = constrain(out, ("activation_batch", "activation_length", "activation_heads", "activation_head_dim"))
-    out = nn.DenseGeneral(
-        x.shape[-1], axis=(-2, -1), use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-        name="out", kernel_init=logical(dense_init(), ("heads", "head_dim", "embed")))(out)
-    return checkpoint_name(out, "out_proj"), new_cache
+    out = constrain(out, BTNH)
+    out = DenseGeneral(x.shape[-1], ("heads", "head_dim", "embed"), contract=2, dtype=self.dtype,
+                       param_dtype=self.param_dtype, name="out")(out)
+    return checkpoint_name(constrain(out, BTD), "out_proj"), new_cache
 
 
 REMAT_POLICIES = {

@@ -74,7 +74,8 @@ class Molmo(nn.Module):
     flat = constrain(flat, ("activation_batch", "activation_length", None))
     layers = self.vision(flat)
     features = self.connector(layers, image_masks.reshape(b * n, p), present)      # [B*N, Q, D]
-    return features.reshape(b, n * features.shape[1], features.shape[2])
+    features = features.reshape(b, n * features.shape[1], features.shape[2])
+    return constrain(features, ("activation_batch", "activation_length", "activation_embed"))
 
   def embed_inputs(self, batch: Mapping[str, Array], image_features: Array | None = None) -> Array:
     """Token embeddings with the image features added: [B, T, D]."""
@@ -85,7 +86,7 @@ class Molmo(nn.Module):
     if image_features is not None:
       idx = batch["image_input_idx"].reshape(input_ids.shape[0], -1)
       x = insert_image_features(x, image_features, idx)
-    return x
+    return constrain(x, ("activation_batch", "activation_length", "activation_embed"))
 
   def __call__(self, batch: Mapping[str, Array], *, cache: dict | None = None,
                cache_index: Array | None = None, attention_mask: Array | None = None,

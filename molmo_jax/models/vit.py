@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 
 from molmo_jax.config import VisionConfig
-from molmo_jax.models.layers import (LayerNorm, MultiHeadAttention, constrain, dense_init, logical,
-                                     maybe_remat)
+from molmo_jax.models.layers import (BTD, BTF, DenseGeneral, LayerNorm, MultiHeadAttention, constrain,
+                                     dense_init, logical, maybe_remat)
 
 Array = jax.Array
 
@@ -44,13 +44,12 @@ class VitBlock(nn.Module):
     x = x + MultiHeadAttention(cfg.num_heads, cfg.head_dim, cfg.width, self.dtype, self.param_dtype,
                                name="attention")(h, h)
     h = ln("ffn_norm")(x)
-    dense = lambda name, features, axes: nn.Dense(
-        features, dtype=self.dtype, param_dtype=self.param_dtype, name=name,
-        kernel_init=logical(dense_init(), axes), bias_init=logical(nn.initializers.zeros, axes[1:]))
-    h = dense("fc1", cfg.mlp_dim, ("vit_embed", "vit_mlp"))(h)
+    dense = lambda name, features, axes: DenseGeneral(features, axes, use_bias=True, dtype=self.dtype,
+                                                      param_dtype=self.param_dtype, name=name)
+    h = constrain(dense("fc1", cfg.mlp_dim, ("vit_embed", "vit_mlp"))(constrain(h, BTD)), BTF)
     h = ACTIVATIONS[cfg.activation](h)
-    h = dense("fc2", cfg.width, ("vit_mlp", "vit_embed"))(h)
-    x = constrain(x + h, ("activation_batch", "activation_length", "activation_embed"))
+    h = constrain(dense("fc2", cfg.width, ("vit_mlp", "vit_embed"))(h), BTD)
+    x = constrain(x + h, BTD)
     return x, x
 
 
@@ -66,9 +65,9 @@ class VisionTransformer(nn.Module):
   def __call__(self, patches: Array) -> tuple[Array, ...]:
     cfg = self.config
     b = patches.shape[0]
-    x = nn.Dense(cfg.width, use_bias=cfg.patch_bias, dtype=self.dtype, param_dtype=self.param_dtype,
-                 kernel_init=logical(dense_init(), ("vit_patch", "vit_embed")),
-                 name="patch_embed")(patches.astype(self.dtype))
+    x = DenseGeneral(cfg.width, ("vit_patch", "vit_embed"), use_bias=cfg.patch_bias, dtype=self.dtype,
+                     param_dtype=self.param_dtype, name="patch_embed")(patches)
+    x = constrain(x, BTD)
     if cfg.use_cls_token:
       cls = self.param("class_embedding", logical(dense_init(), ("vit_embed",)), (cfg.width,),
                        self.param_dtype)
@@ -78,10 +77,10 @@ class VisionTransformer(nn.Module):
     if pos.shape[0] != x.shape[1]:
       raise ValueError(f"vision: {x.shape[1]} tokens per crop but {pos.shape[0]} positional embeddings; "
                        f"crops must be {cfg.image_size} px with patch {cfg.patch_size}")
-    x = x + pos.astype(self.dtype)[None]
+    x = constrain(x + pos.astype(self.dtype)[None], BTD)
     if cfg.use_pre_ln:
       x = LayerNorm(cfg.layer_norm_eps, self.dtype, self.param_dtype, name="pre_ln")(x)
-    x = constrain(x, ("activation_batch", "activation_length", "activation_embed"))
+    x = constrain(x, BTD)
 
     block = maybe_remat(VitBlock, self.remat_policy)
     blocks = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},

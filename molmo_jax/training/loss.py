@@ -82,7 +82,9 @@ def loss_sums(logits: jax.Array, targets: jax.Array, weights: jax.Array,
   safe_targets = jnp.where(effective != 0, targets, 0)
 
   log_normaliser = jax.nn.logsumexp(logits, axis=-1)                                     # [B, T]
-  target_logit = jnp.take_along_axis(logits, safe_targets[..., None], axis=-1)[..., 0]  # [B, T]
+  # A one-hot contraction rather than a gather: under a batch- or vocab-sharded mesh its backward
+  # stays sharded, where the gather's scatter-add is materialised replicated by GSPMD.
+  target_logit = jnp.einsum("btv,btv->bt", logits, jax.nn.one_hot(safe_targets, vocab, dtype=logits.dtype))
   ce = log_normaliser - target_logit
 
   counted = effective != 0

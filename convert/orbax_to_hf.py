@@ -1,0 +1,235 @@
+"""Our model directory -> the Molmo release format (for vLLM or the released remote code).
+
+    python -m convert.orbax_to_hf MODEL_DIR OUT_DIR [--dtype auto|float32|bfloat16] [--max-shard-gb 5]
+
+Legend: L stacked layers, D LLM width, V_emb pretrained vocabulary rows.
+
+Writes the release's exact tensor names, shapes and fused layouts (att_proj = [Q | K | V],
+ff_proj = [up | gate], megablocks experts), `model-0000k-of-0000N.safetensors` shards with
+`model.safetensors.index.json`, config.json in the release schema (dense, or the flat MolmoE one
+for MoE models), preprocessor_config.json, and the tokenizer / remote-code files kept in the
+model directory's `tokenizer/`. Tensors are read from Orbax one layer (or one row block) at a
+time through tensorstore and written as they are produced; the output appears only when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import time
+import uuid
+from pathlib import Path
+
+import jax
+import numpy as np
+import tensorstore as ts
+
+from convert import release_config
+from convert.hf_to_orbax import DEFAULT_BLOCK_BYTES, OUT_DTYPES, model_leaf_shapes, replace_directory
+from convert.release_tables import COPY, Rule, fused_groups, row_splittable, rules_for, to_hf, transpose
+from convert.safetensors_io import DEFAULT_MAX_SHARD_BYTES, TensorSpec, write_sharded
+from molmo_jax.config import MolmoConfig
+
+# Files of tokenizer/ that export regenerates from our config instead of copying.
+_GENERATED = ("config.json", "preprocessor_config.json")
+
+
+class OrbaxParams:
+  """Leaves of an Orbax PyTree checkpoint, opened lazily with tensorstore (no tensor is loaded)."""
+
+  def __init__(self, params_dir: str | Path):
+    self.directory = Path(params_dir).absolute()
+    meta_path = self.directory / "_METADATA"
+    if not meta_path.is_file():
+      raise FileNotFoundError(f"{self.directory}: no _METADATA (not an Orbax PyTree checkpoint)")
+    meta = json.loads(meta_path.read_text())
+    self._zarr = "zarr3" if meta.get("use_zarr3") else "zarr"
+    self._ocdbt = (self.directory / "manifest.ocdbt").is_file()
+    self._keys: dict[str, str] = {}
+    for entry in meta["tree_metadata"].values():
+      keys = [str(k["key"]) for k in entry["key_metadata"]]
+      self._keys["/".join(keys)] = ".".join(keys)
+    self._open: dict[str, ts.TensorStore] = {}
+
+  @property
+  def paths(self) -> list[str]:
+    return list(self._keys)
+
+  def store(self, path: str) -> ts.TensorStore:
+    if path not in self._open:
+      name = self._keys[path]
+      kvstore = ({"driver": "ocdbt", "base": f"file://{self.directory}", "path": name} if self._ocdbt
+                 else {"driver": "file", "path": f"{self.directory}/{name}"})
+      self._open[path] = ts.open({"driver": self._zarr, "kvstore": kvstore}, open=True,
+                                 read=True).result()
+    return self._open[path]
+
+  def shape(self, path: str) -> tuple[int, ...]:
+    return tuple(self.store(path).shape)
+
+  def dtype(self, path: str) -> np.dtype:
+    return np.dtype(self.store(path).dtype.numpy_dtype)
+
+  def read(self, path: str, index=()) -> np.ndarray:
+    return self.store(path)[index].read().result()
+
+
+def check_stored_tree(params: OrbaxParams, shapes: dict[str, tuple[int, ...]], where: str) -> None:
+  have = {p: params.shape(p) for p in params.paths}
+  missing = sorted(set(shapes) - set(have))
+  unexpected = sorted(set(have) - set(shapes))
+  mismatched = [f"{p} {have[p]} (expected {shapes[p]})" for p in sorted(set(have) & set(shapes))
+                if have[p] != shapes[p]]
+  problems = [f"{label}: {items[:10]}" + (f" ({len(items)} in all)" if len(items) > 10 else "")
+              for label, items in (("missing", missing), ("unexpected", unexpected),
+                                   ("shape mismatch", mismatched)) if items]
+  if problems:
+    raise ValueError(f"{where}: parameters do not match config.json; " + "; ".join(problems))
+
+
+class _LeafReader:
+  """Slices of our leaves, in the order the HF tensors are written.
+
+  A leaf whose zarr chunks hold one layer (what hf_to_orbax writes) or a small row block is read
+  slice by slice. A leaf chunked otherwise (a training checkpoint is chunked per device shard,
+  each chunk spanning every layer) is read whole once and kept while the HF tensors of its group
+  are written, so no chunk is decoded once per layer; memory is then the leaves of one fused HF
+  tensor (e.g. mlp up + gate).
+  """
+
+  def __init__(self, params: OrbaxParams, block_bytes: int):
+    self.params, self.block_bytes = params, block_bytes
+    self._group: str | None = None
+    self._whole: dict[str, np.ndarray] = {}
+
+  def start_group(self, template: str) -> None:
+    if template != self._group:
+      self._group = template
+      self._whole.clear()
+
+  def _sliceable(self, path: str, stacked: bool) -> bool:
+    store = self.params.store(path)
+    chunk = tuple(store.chunk_layout.read_chunk.shape)
+    if stacked:
+      return chunk[0] == 1
+    return math.prod(chunk) * self.params.dtype(path).itemsize <= 2 * self.block_bytes
+
+  def read(self, path: str, index: tuple, stacked: bool) -> np.ndarray:
+    if self._sliceable(path, stacked):
+      return self.params.read(path, index)
+    if path not in self._whole:
+      self._whole[path] = self.params.read(path)
+    return self._whole[path][index]
+
+
+def _pieces(reader: _LeafReader, template: str, group: list[Rule], layer: int | None,
+            dtype: np.dtype):
+  """The bytes of one HF tensor, in order: each rule's rows of a fused tensor, or row blocks."""
+  reader.start_group(template)
+  for rule in group:
+    stacked = rule.layers > 0
+    shape = reader.params.shape(rule.ours)
+    big = math.prod(rule.hf_shape) * dtype.itemsize > reader.block_bytes
+    if not (big and row_splittable(rule, shape)):
+      leaf = reader.read(rule.ours, (layer,) if stacked else (), stacked)
+      yield to_hf(rule.hook, leaf, rule.slice_shape).astype(dtype, copy=False)
+      continue
+    rows = max(1, reader.block_bytes // (rule.hf_shape[1] * dtype.itemsize))
+    for start in range(0, rule.hf_shape[0], rows):
+      stop = min(rule.hf_shape[0], start + rows)
+      if rule.hook == COPY:
+        yield reader.read(rule.ours, (slice(start, stop),), False).astype(dtype, copy=False)
+      else:
+        block = reader.read(rule.ours, (slice(None), slice(start, stop)), False)
+        yield transpose(block).astype(dtype, copy=False)
+
+
+def _export_dtype(requested: str, params: OrbaxParams) -> np.dtype:
+  if requested in OUT_DTYPES:
+    return OUT_DTYPES[requested]
+  if requested != "auto":
+    raise ValueError(f"dtype: expected auto, float32 or bfloat16, got {requested!r}")
+  stored = {params.dtype(p) for p in params.paths}
+  if len(stored) == 1 and stored <= set(OUT_DTYPES.values()):
+    return stored.pop()
+  return OUT_DTYPES["float32"]
+
+
+def convert_orbax_to_hf(model_dir: str | Path, out_dir: str | Path, *, dtype: str = "auto",
+                        max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False,
+                        block_bytes: int = DEFAULT_BLOCK_BYTES) -> Path:
+  """Exports a model directory (params/, config.json, tokenizer/) as a Molmo release directory."""
+  model_dir, out_dir = Path(model_dir), Path(out_dir).absolute()
+  if out_dir.exists() and not overwrite:
+    raise FileExistsError(f"{out_dir} already exists (overwrite=True, or --overwrite, replaces it)")
+  config_path = model_dir / "config.json"
+  if not config_path.is_file():
+    raise FileNotFoundError(f"{model_dir}: missing config.json; not a model directory")
+  cfg = MolmoConfig.from_json(config_path.read_text())
+  params = OrbaxParams(model_dir / "params")
+  check_stored_tree(params, model_leaf_shapes(cfg), str(model_dir))
+  out_dtype = _export_dtype(dtype, params)
+  hf_config = release_config.release_config_json(cfg, torch_dtype=out_dtype.name)
+
+  groups = fused_groups(rules_for(cfg))
+  specs, source = [], {}
+  for template, group in groups.items():
+    layers = group[0].layers
+    for layer in (range(layers) if layers else [None]):
+      name = template.format(i=layer) if layers else template
+      specs.append(TensorSpec(name, out_dtype, group[0].hf_shape))
+      source[name] = (template, layer)
+
+  reader = _LeafReader(params, block_bytes)
+
+  def pieces(spec: TensorSpec):
+    template, layer = source[spec.name]
+    return _pieces(reader, template, groups[template], layer, out_dtype)
+
+  tokenizer = model_dir / "tokenizer"
+  out_dir.parent.mkdir(parents=True, exist_ok=True)
+  staging = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex[:12]}"
+  try:
+    staging.mkdir()
+    write_sharded(staging, specs, pieces, max_shard_bytes)
+    (staging / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    existing = None
+    if (tokenizer / "preprocessor_config.json").is_file():
+      existing = json.loads((tokenizer / "preprocessor_config.json").read_text())
+    pre = release_config.preprocessor_config_json(cfg, existing)
+    (staging / "preprocessor_config.json").write_text(json.dumps(pre, indent=2) + "\n")
+    if tokenizer.is_dir():
+      for path in sorted(tokenizer.iterdir()):
+        if path.is_file() and path.name not in _GENERATED:
+          shutil.copy2(path, staging / path.name)
+    replace_directory(staging, out_dir)
+  except BaseException:
+    shutil.rmtree(staging, ignore_errors=True)
+    raise
+  return out_dir
+
+
+def main(argv: list[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("model_dir", help="model directory: params/, config.json, tokenizer/")
+  parser.add_argument("out_dir", help="release directory to create")
+  parser.add_argument("--dtype", default="auto", choices=["auto", *OUT_DTYPES])
+  parser.add_argument("--max-shard-gb", type=float, default=DEFAULT_MAX_SHARD_BYTES / 1e9)
+  parser.add_argument("--overwrite", action="store_true")
+  args = parser.parse_args(argv)
+  jax.config.update("jax_platforms", "cpu")   # conversion needs no accelerator
+  start = time.perf_counter()
+  try:
+    out = convert_orbax_to_hf(args.model_dir, args.out_dir, dtype=args.dtype,
+                              max_shard_bytes=int(args.max_shard_gb * 1e9), overwrite=args.overwrite)
+  except (OSError, ValueError) as e:
+    parser.exit(2, f"error: {e}\n")
+  total = json.loads((out / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
+  seconds = time.perf_counter() - start
+  print(f"wrote {out} in {seconds:.1f} s ({total / 2**20 / seconds:.1f} MiB/s of safetensors written)")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,187 @@
+"""Compile the real train step for a TPU topology on a machine without TPUs (ahead of time).
+
+libtpu (the `tpu` extra) can describe a TPU slice (`jax.experimental.topologies`) and compile for
+its virtual devices from any host, the default JAX backend staying the CPU. We build the mesh from
+those devices, `eval_shape` the train state with its shardings, and lower + compile exactly the
+step `train.py` runs (same shardings, donation, remat policy, micro-batches). The memory figures
+come from the compiled executable (`memory_analysis`), not from estimates; an XLA out-of-memory
+error is reported as "does not fit".
+
+Legend: chips = devices of the slice; HBM = per-chip high-bandwidth memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+import time
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+
+from molmo_jax import sharding as sharding_lib
+
+GiB = 1024 ** 3
+# Per-chip HBM in bytes (public spec sheets); the compiler's own limit is reported when it fails.
+HBM_BYTES = {"v4": 32 * GiB, "v5e": 16 * GiB, "v5p": 95 * GiB, "v6e": 32 * GiB}
+_TOPOLOGY = re.compile(r"^(v4|v5e|v5p|v6e):(\d+(?:x\d+){1,2})$")
+
+
+@dataclasses.dataclass
+class CompileReport:
+  topology: str
+  chips: int
+  mesh: dict[str, int]
+  fits: bool
+  error: str | None = None
+  hbm_per_chip_bytes: int = 0
+  argument_bytes: int = 0
+  output_bytes: int = 0
+  temp_bytes: int = 0
+  alias_bytes: int = 0
+  generated_code_bytes: int = 0
+  total_bytes: int = 0
+  compile_seconds: float = 0.0
+  model_flops_per_step: float = 0.0
+  compiled_flops_per_step: float | None = None
+  param_count: int = 0
+  param_sharding: dict[str, str] = dataclasses.field(default_factory=dict)
+
+  @property
+  def hbm_fraction(self) -> float:
+    return self.total_bytes / self.hbm_per_chip_bytes if self.hbm_per_chip_bytes else float("nan")
+
+  def to_json(self) -> dict[str, Any]:
+    d = dataclasses.asdict(self)
+    d["hbm_fraction"] = self.hbm_fraction
+    return d
+
+
+def parse_topology(name: str) -> tuple[str, int]:
+  """'v5p:8x8x4' -> ('v5p', 256). Raises on names libtpu would not understand."""
+  m = _TOPOLOGY.match(name)
+  if not m:
+    raise ValueError(f"--topology {name!r}: expected GENERATION:AxB[xC] with GENERATION one of "
+                     f"{sorted(HBM_BYTES)}, e.g. v5p:4x4x4 or v6e:16x16")
+  return m.group(1), math.prod(int(x) for x in m.group(2).split("x"))
+
+
+def topology_devices(name: str) -> list:
+  """Virtual devices of a TPU slice (needs libtpu; JAX stays on its default backend)."""
+  parse_topology(name)
+  os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5p-8")       # quiets libtpu's host probing
+  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+  try:
+    from jax.experimental import topologies
+  except ImportError as e:  # pragma: no cover - jax always ships it
+    raise RuntimeError(f"jax.experimental.topologies unavailable: {e}") from None
+  try:
+    topo = topologies.get_topology_desc(platform="tpu", topology_name=name)
+  except Exception as e:
+    raise RuntimeError(f"cannot describe TPU topology {name!r} ({type(e).__name__}: {e}); is "
+                       f"libtpu installed? pip install -e '.[tpu]'") from None
+  return list(topo.devices)
+
+
+def _memory(compiled) -> dict[str, int]:
+  stats = compiled.memory_analysis()
+  if stats is None:
+    return {}
+  get = lambda name: int(getattr(stats, name, 0) or 0)
+  out = {"argument_bytes": get("argument_size_in_bytes"), "output_bytes": get("output_size_in_bytes"),
+         "temp_bytes": get("temp_size_in_bytes"), "alias_bytes": get("alias_size_in_bytes"),
+         "generated_code_bytes": get("generated_code_size_in_bytes")}
+  # Donated state is both argument and output; XLA reports the shared part as aliased.
+  out["total_bytes"] = (out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"]
+                        + out["temp_bytes"] + out["generated_code_bytes"])
+  return out
+
+
+def compile_train_step(config: Any, topology: str, mesh_shape: Mapping[str, int] | None = None
+                       ) -> CompileReport:
+  """Lowers and compiles the train step that `config` describes for `topology`."""
+  from molmo_jax.models.molmo import Molmo
+  from molmo_jax.training import flops as flops_lib, train_step as step_lib
+  from molmo_jax.training.loop import build_model_config, data_config
+  from molmo_jax.training.optimizer import OptimizerConfig, build_optimizer
+
+  generation, chips = parse_topology(topology)
+  devices = topology_devices(topology)
+  mesh_shape = dict(mesh_shape or dict(config.mesh))
+  mesh = sharding_lib.make_mesh(devices=devices, **mesh_shape)
+  model_cfg = build_model_config(config.model, "")
+  data_cfg = data_config(config.data)
+  max_crops = data_cfg.max_crops or model_cfg.preprocess.max_crops
+  model = Molmo(model_cfg)
+  spec = step_lib.batch_spec(model_cfg, data_cfg.global_batch_size, data_cfg.seq_len, max_crops)
+  optimizer = build_optimizer(
+      OptimizerConfig.from_mapping({**dict(config.optimizer.to_dict()), "total_steps": int(config.total_steps)}),
+      step_lib.abstract_params(model, spec))
+  abstract, shardings = step_lib.abstract_train_state(model, optimizer, mesh, spec)
+  step_cfg = step_lib.StepConfig(micro_batches=int(config.micro_batches),
+                                 z_loss_weight=float(config.z_loss_weight))
+  step_fn = step_lib.make_train_step(model, optimizer, mesh, shardings, spec, step_cfg)
+  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sh)
+           for (k, v), sh in zip(spec.items(), step_lib.batch_shardings(mesh, spec).values())}
+  params = abstract.params
+  report = CompileReport(
+      topology=topology, chips=chips, mesh={k: int(v) for k, v in mesh.shape.items()}, fits=False,
+      hbm_per_chip_bytes=HBM_BYTES[generation],
+      model_flops_per_step=flops_lib.train_step_flops(model_cfg, data_cfg.global_batch_size,
+                                                      data_cfg.seq_len, max_crops + 1).train,
+      param_count=int(sum(np.prod(p.shape) for p in jax.tree.leaves(params))),
+      param_sharding=sharding_lib.describe(shardings.params))
+  start = time.time()
+  try:
+    with sharding_lib.activate(mesh):
+      lowered = step_fn.jitted.lower(abstract, batch)
+      compiled = lowered.compile()
+  except Exception as e:  # XLA reports OOM as RESOURCE_EXHAUSTED at compile time
+    report.compile_seconds = time.time() - start
+    message = str(e)
+    if "RESOURCE_EXHAUSTED" in message or "exceeds" in message.lower():
+      report.error = _first_lines(message)
+      return report
+    raise
+  report.compile_seconds = time.time() - start
+  for key, value in _memory(compiled).items():
+    setattr(report, key, value)
+  cost = compiled.cost_analysis()
+  if isinstance(cost, list):
+    cost = cost[0] if cost else {}
+  # Counts a scanned body once; printed for reference only (see FACTS: not the step's FLOPs).
+  report.compiled_flops_per_step = float(cost.get("flops", 0.0)) if cost else None
+  report.fits = report.total_bytes <= report.hbm_per_chip_bytes
+  return report
+
+
+def _first_lines(text: str, n: int = 4) -> str:
+  return "\n".join(line for line in text.strip().splitlines()[:n])
+
+
+def format_report(r: CompileReport) -> str:
+  gib = lambda b: f"{b / GiB:8.2f} GiB"
+  lines = [f"topology {r.topology}: {r.chips} chips, mesh {r.mesh}, {r.param_count:,} parameters",
+           f"  compile time            {r.compile_seconds:8.1f} s"]
+  if r.error:
+    lines.append(f"  DOES NOT FIT: {r.error}")
+    return "\n".join(lines)
+  lines += [f"  per-chip arguments     {gib(r.argument_bytes)}",
+            f"  per-chip outputs       {gib(r.output_bytes)}  (aliased with donated args: {gib(r.alias_bytes)})",
+            f"  per-chip temporaries   {gib(r.temp_bytes)}",
+            f"  per-chip total         {gib(r.total_bytes)}  of {gib(r.hbm_per_chip_bytes)} HBM "
+            f"({100 * r.hbm_fraction:.1f} %) -> {'fits' if r.fits else 'DOES NOT FIT'}",
+            f"  model FLOPs / step     {r.model_flops_per_step:.3e} (analytic)",
+            f"  compiled FLOPs / step  {r.compiled_flops_per_step or 0:.3e} (XLA, scanned body counted once)"]
+  return "\n".join(lines)
+
+
+def sharding_by_logical_axis(report: CompileReport) -> dict[str, list[str]]:
+  """PartitionSpec -> parameter paths, for the printed sharding summary."""
+  groups: dict[str, list[str]] = {}
+  for path, spec in report.param_sharding.items():
+    groups.setdefault(spec, []).append(path)
+  return groups
