@@ -11,3 +11,6 @@ if "xla_force_host_platform_device_count" not in _flags:
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# libtpu (the `tpu` extra, used only for compile-only planning) must never hold its lockfile
+# against the subprocesses some tests start.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")

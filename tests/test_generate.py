@@ -62,12 +62,10 @@ def test_cached_greedy_equals_full_forward_and_batching_is_transparent(family):
   params = _params(cfg, a)
   ref_a = full_forward_greedy(model, params, a, STEPS)
   ref_b = full_forward_greedy(model, params, b, STEPS)
-  alone_b = generate(model, params, b, SamplingConfig(max_new_tokens=STEPS)).tokens[0]
   batch = _pad_batch([a, b], length=16, crops=3)
   out = generate(model, params, batch, SamplingConfig(max_new_tokens=STEPS))
   np.testing.assert_array_equal(out.tokens[0], ref_a)
   np.testing.assert_array_equal(out.tokens[1], ref_b)
-  np.testing.assert_array_equal(alone_b, ref_b)
   assert out.finish_reasons == ["length", "length"]
   assert out.lengths.tolist() == [STEPS, STEPS]
 
@@ -88,7 +86,6 @@ def test_eos_stops_an_example_and_pads_after_it():
 
 
 @pytest.mark.parametrize("family,mesh_shape", [
-    ("qwen2", dict(data=8)),
     ("qwen2", dict(data=2, fsdp=2, tensor=2)),
     ("olmoe", dict(data=2, fsdp=1, tensor=2, expert=2)),
 ])

@@ -74,6 +74,9 @@ def topology_devices(name: str) -> list:
   parse_topology(name)
   os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5p-8")       # quiets libtpu's host probing
   os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+  # Compile-only use touches no chip; without this a second process (a test's subprocess, a
+  # parallel planner run) fails on libtpu's single-user lockfile.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   try:
     from jax.experimental import topologies
   except ImportError as e:  # pragma: no cover - jax always ships it

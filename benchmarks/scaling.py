@@ -1,0 +1,97 @@
+"""Which TPU slice does each released model need? Compile the real train step and ask XLA.
+
+    python benchmarks/scaling.py [--models molmo-72b,molmoe-1b] [--stages finetune,pretrain]
+                                 [--generations v5p,v6e] [--out benchmarks/results/scaling.json]
+
+For every (model, stage, TPU generation) the script walks the candidate slices from small to large
+and stops at the first whose compiled per-chip memory (`memory_analysis`) fits in 90 % of HBM.
+It prints a table and writes JSON; docs/scaling.md quotes it. Each compile takes 0.5-5 minutes on
+a 2-core CPU; results already in the JSON file are reused (delete it to recompute).
+Needs the `tpu` extra (libtpu); JAX stays on the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+STAGES = {"pretrain": "configs/pretrain_captioner.py", "finetune": "configs/finetune_multitask.py"}
+# Candidate slices, smallest first, and the mesh used on each (fsdp over all chips unless the
+# model is MoE, where the expert axis takes a share).
+SLICES = {
+    "v5p": ["v5p:2x2x1", "v5p:2x2x2", "v5p:2x2x4", "v5p:2x4x4", "v5p:4x4x4", "v5p:4x4x8", "v5p:8x8x4",
+            "v5p:8x8x8"],
+    "v6e": ["v6e:2x2", "v6e:2x4", "v6e:4x4", "v6e:4x8", "v6e:8x8", "v6e:8x16", "v6e:16x16"],
+}
+HBM_LIMIT = 0.90
+
+
+def mesh_for(model: str, chips: int) -> dict[str, int]:
+  if model == "molmoe-1b" and chips >= 8:
+    return {"data": 1, "fsdp": chips // 4, "tensor": 1, "expert": 4}
+  return {"data": 1, "fsdp": chips, "tensor": 1, "expert": 1}
+
+
+def compile_one(model: str, stage: str, topology: str) -> dict:
+  import train as train_cli
+  from molmo_jax.training import aot
+  config = train_cli.load_config_file(f"{ROOT / STAGES[stage]}:model={model}")
+  _, chips = aot.parse_topology(topology)
+  mesh = mesh_for(model, chips)
+  report = aot.compile_train_step(config, topology, mesh)
+  out = report.to_json()
+  out.pop("param_sharding")
+  out.update(model=model, stage=stage, remat_policy=str(config.model.remat_policy),
+             global_batch=int(config.data.global_batch_size), seq_len=int(config.data.seq_len),
+             fits_90=bool(report.error is None and report.hbm_fraction <= HBM_LIMIT))
+  return out
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument("--models", default="molmoe-1b,molmo-7b-o,molmo-7b-d,molmo-72b")
+  p.add_argument("--stages", default="finetune,pretrain")
+  p.add_argument("--generations", default="v5p,v6e")
+  p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "scaling.json"))
+  args = p.parse_args()
+  out = Path(args.out)
+  results = json.loads(out.read_text()) if out.exists() else []
+  done = {(r["model"], r["stage"], r["topology"]): r for r in results}
+  for model in args.models.split(","):
+    for stage in args.stages.split(","):
+      for gen in args.generations.split(","):
+        for topology in SLICES[gen]:
+          key = (model, stage, topology)
+          if key not in done:
+            print(f"compiling {model} {stage} on {topology} ...", flush=True)
+            done[key] = compile_one(model, stage, topology)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(list(done.values()), indent=2))
+          if done[key]["fits_90"]:
+            break
+  print(table(list(done.values())))
+
+
+def table(results: list[dict]) -> str:
+  gib = 1024 ** 3
+  rows = ["| model | stage | slice | chips | mesh | remat | batch x seq | per-chip HBM | of HBM | fits (<= 90 %) | compile s |",
+          "|---|---|---|---|---|---|---|---|---|---|---|"]
+  for r in sorted(results, key=lambda r: (r["model"], r["stage"], r["chips"])):
+    mesh = ",".join(f"{k}={v}" for k, v in r["mesh"].items() if v > 1) or "1"
+    mem = f"{r['total_bytes'] / gib:.1f} GiB" if not r["error"] else "OOM at compile"
+    frac = f"{100 * r['hbm_fraction']:.0f} %" if not r["error"] else "-"
+    rows.append(f"| {r['model']} | {r['stage']} | {r['topology']} | {r['chips']} | {mesh} | {r['remat_policy']} | "
+                f"{r['global_batch']} x {r['seq_len']} | {mem} | {frac} | {'yes' if r['fits_90'] else 'no'} | "
+                f"{r['compile_seconds']:.0f} |")
+  return "\n".join(rows)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,80 @@
+"""Defaults shared by every training recipe (not a runnable config itself).
+
+Each recipe's `get_config(arg)` starts from `base_config()` and sets what its stage changes.
+Field reference (all overridable with --config.<path>=value):
+
+  model.name            preset (molmo-7b-d, molmo-72b, molmo-7b-o, molmoe-1b), tiny-<family>, or
+                        "" to take init_from's config.json
+  model.dtype           compute dtype (bfloat16 on accelerators); params stay model.param_dtype
+  model.remat_policy    none | full | dots | dots_no_batch | qkv_proj | minimal (scanned layers)
+  model.{llm,vision,connector,preprocess}.<field>   any MolmoConfig field, e.g. dropout rates
+  init_from             model directory (converted checkpoint) whose params start the run; ignored
+                        once the workdir holds a checkpoint (the run then resumes from it)
+  tokenizer_dir         tokenizer.json directory; default <init_from>/tokenizer
+  data.*                molmo_jax.data.pipeline.DataConfig; data.sources is {name: SourceConfig}
+  optimizer.*           molmo_jax.training.optimizer.OptimizerConfig (total_steps comes from the top)
+  micro_batches         gradient accumulation: the global batch runs as this many slices
+  mesh.{data,fsdp,tensor,expert}   mesh axis sizes; one may be -1 (all remaining devices)
+  checkpoint.{save_every,keep,async_save,replica_parallel}
+  compilation_cache_dir persistent compilation cache (a restart after pre-emption skips compiling)
+  profile.{start_step,num_steps}  jax.profiler trace window (start_step 0 = off)
+  distributed.*         multi-host start-up (see molmo_jax.training.loop.initialize_distributed)
+"""
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.model = ml_collections.ConfigDict(dict(
+      name="", dtype="bfloat16", param_dtype="float32", remat_policy="full",
+      llm={}, vision={}, connector={}, preprocess={}))
+  c.init_from = ""
+  c.tokenizer_dir = ""
+  c.seed = 6198                    # the reference's run seed (spec §8.3)
+  c.total_steps = 1000
+  c.micro_batches = 1
+  c.z_loss_weight = 1e-4           # softmax_auxiliary_loss (spec §8.1)
+
+  # AdamW per component, warmup from 0 then cosine to alpha_f * lr, per-component clip 1.0.
+  c.optimizer = ml_collections.ConfigDict(dict(
+      connector=dict(learning_rate=5e-6, warmup_steps=200),
+      vit=dict(learning_rate=5e-6, warmup_steps=200),
+      llm=dict(learning_rate=1e-5, warmup_steps=200),
+      b1=0.9, b2=0.95, eps=1e-6, weight_decay=0.0, max_grad_norm=1.0, alpha_f=0.1))
+
+  c.data = ml_collections.ConfigDict(dict(
+      sources={}, group_rates={}, seq_len=2304, max_crops=None, global_batch_size=256, seed=0,
+      shuffle=True, on_overflow="drop", pack_conversations=True, max_conversations=0,
+      root_subsegment_weighting=True, num_workers=8, prefetch=2))
+
+  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, expert=1))
+  # replica_parallel: Orbax splits each replicated array's write over its replicas (faster on
+  # pods; on CPU hosts the first save stalls while it compiles a slice per array shape).
+  c.checkpoint = ml_collections.ConfigDict(dict(save_every=1000, keep=3, async_save=True,
+                                                replica_parallel=True))
+  c.compilation_cache_dir = ""     # persistent XLA cache: restarts skip compiling the step
+  c.log_every = 10
+  c.tensorboard = True
+  c.profile = ml_collections.ConfigDict(dict(start_step=0, num_steps=5))
+  c.distributed = ml_collections.ConfigDict(dict(
+      initialize="auto", coordinator_address="", num_processes=1, process_id=0, cpu_collectives=""))
+  c.peak_flops_per_device = 0.0    # 0 = look the chip up (molmo_jax.training.flops)
+  c.debug_step_sleep_s = 0.0       # tests of pre-emption slow the loop down with this
+  return c
+
+
+def parse_arg(arg: str | None, defaults: dict[str, str]) -> dict[str, str]:
+  """"a=1,b=x" (or a bare value for the first key) -> {key: value} over `defaults`."""
+  out = dict(defaults)
+  if not arg:
+    return out
+  first = next(iter(defaults))
+  for item in arg.split(","):
+    key, sep, value = item.partition("=")
+    if not sep:
+      key, value = first, item
+    if key not in defaults:
+      raise ValueError(f"config argument {key!r} unknown; known: {sorted(defaults)}")
+    out[key] = value
+  return out

@@ -1,0 +1,351 @@
+"""The sharded train step: state, initialisation on a mesh, micro-batch accumulation.
+
+Legend: B global batch, M micro-batches per step, b = B / M rows per micro-batch, T tokens,
+N crop slots (max_crops + 1), P patches per crop, C patch values, Q pooled cells per crop.
+
+Batch (global arrays, batch axis sharded over the mesh's data-parallel axes):
+  input_ids, target_ids, subsegment_ids, position_ids [B, T] int32; loss_weights [B, T] float32
+  images [B, N, P, C] float32; image_masks [B, N, P] float32; image_input_idx [B, N, Q] int32
+  (image keys may be absent for text-only training)
+
+One step:
+  normaliser = Σ loss_weights over the GLOBAL batch (computed before any micro-batch runs)
+  rows are dealt to micro-batches round-robin: micro-batch m = rows m, m+M, m+2M, ...
+  grads = Σ_m ∇ [(CE_m + z_m) / normaliser + moe_aux_m / M]     (lax.scan over m)
+  params, opt_state = AdamW per component (optimizer.py) applied once
+
+Round-robin dealing keeps every device busy in every micro-batch: a device holding rows
+[k·B/D, (k+1)·B/D) holds B/(D·M) rows of each micro-batch. Because the loss of each piece is
+divided by the global normaliser, M micro-batches give the gradient of one full-batch step.
+
+Dropout uses fold_in(fold_in(state.rng, step), m), so a resumed run draws the same masks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Mapping
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from molmo_jax import sharding as sharding_lib
+from molmo_jax.config import MolmoConfig
+from molmo_jax.models.molmo import Molmo
+from molmo_jax.training.loss import SUM_KEYS, loss_from_sums, loss_sums, loss_weight_sum
+from molmo_jax.training.optimizer import (FROZEN, MolmoOptimizer, component_grad_norms, path_name)
+
+TEXT_KEYS = ("input_ids", "target_ids", "loss_weights", "subsegment_ids", "position_ids")
+IMAGE_KEYS = ("images", "image_masks", "image_input_idx")
+REQUIRED_KEYS = ("input_ids", "target_ids", "loss_weights")
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a step reads and writes. `step` counts updates already applied."""
+
+  step: jax.Array          # int32 scalar
+  params: Any              # fp32 master weights (MolmoConfig.param_dtype)
+  opt_state: Any
+  rng: jax.Array           # base PRNG key (uint32 [2]); per-step keys are folded from it
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+  """Knobs of the step that are not the model's or the optimizer's."""
+
+  micro_batches: int = 1
+  z_loss_weight: float = 0.0
+
+  def __post_init__(self):
+    if self.micro_batches < 1:
+      raise ValueError(f"micro_batches: expected >= 1, got {self.micro_batches}")
+    if self.z_loss_weight < 0:
+      raise ValueError(f"z_loss_weight: expected >= 0, got {self.z_loss_weight}")
+
+
+# ------------------------------------------------------------------------------------------
+# Batch shapes and shardings
+# ------------------------------------------------------------------------------------------
+
+def batch_spec(model_cfg: MolmoConfig, batch_size: int, seq_len: int, max_crops: int | None = None,
+               with_images: bool = True) -> dict[str, jax.ShapeDtypeStruct]:
+  """Global shapes of a training batch (see the module legend)."""
+  if batch_size < 1 or seq_len < 1:
+    raise ValueError(f"batch_spec: batch_size and seq_len must be >= 1, got {batch_size}, {seq_len}")
+  pre = model_cfg.preprocess
+  n = (pre.max_crops if max_crops is None else max_crops) + 1
+  spec = {k: jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32) for k in TEXT_KEYS}
+  spec["loss_weights"] = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.float32)
+  if with_images:
+    vis = model_cfg.vision
+    spec["images"] = jax.ShapeDtypeStruct((batch_size, n, vis.num_patches, vis.patch_dim), jnp.float32)
+    spec["image_masks"] = jax.ShapeDtypeStruct((batch_size, n, vis.num_patches), jnp.float32)
+    spec["image_input_idx"] = jax.ShapeDtypeStruct((batch_size, n, pre.pooled_per_crop), jnp.int32)
+  return spec
+
+
+def spec_of(batch: Mapping[str, Any]) -> dict[str, jax.ShapeDtypeStruct]:
+  """ShapeDtypeStructs of a concrete (global) batch."""
+  return {k: jax.ShapeDtypeStruct(np.shape(v), v.dtype if hasattr(v, "dtype") else np.asarray(v).dtype)
+          for k, v in batch.items()}
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+  """How many ways the batch axis is split (the activation_batch mesh axes)."""
+  axes = sharding_lib.data_sharding(mesh, 1).spec[0]
+  axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+  return math.prod(mesh.shape[a] for a in axes)
+
+
+def batch_shardings(mesh: Mesh, spec: Mapping[str, jax.ShapeDtypeStruct]) -> dict[str, NamedSharding]:
+  return {k: sharding_lib.data_sharding(mesh, len(v.shape)) for k, v in spec.items()}
+
+
+def check_batch_spec(spec: Mapping[str, jax.ShapeDtypeStruct], mesh: Mesh, micro_batches: int) -> None:
+  """Clear errors for batches the step cannot split evenly."""
+  missing = [k for k in REQUIRED_KEYS if k not in spec]
+  if missing:
+    raise ValueError(f"batch: missing key(s) {missing}; expected at least {list(REQUIRED_KEYS)}")
+  images = [k for k in IMAGE_KEYS if k in spec]
+  if images and len(images) != len(IMAGE_KEYS):
+    raise ValueError(f"batch: has {images} but not all of {list(IMAGE_KEYS)}")
+  sizes = {k: v.shape[0] for k, v in spec.items()}
+  if len(set(sizes.values())) != 1:
+    raise ValueError(f"batch: leading (batch) dimensions differ: {sizes}")
+  global_batch = next(iter(sizes.values()))
+  shards = data_parallel_size(mesh)
+  if global_batch % (micro_batches * shards):
+    raise ValueError(f"global batch {global_batch} must be divisible by micro_batches ({micro_batches}) "
+                     f"x data-parallel shards ({shards}, the mesh's data*fsdp*expert)")
+
+
+def make_global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """This process's rows -> global sharded arrays (rows of process p follow those of p - 1)."""
+  out = {}
+  count = jax.process_count()
+  for key, local in local_batch.items():
+    local = np.asarray(local)
+    global_shape = (local.shape[0] * count,) + local.shape[1:]
+    out[key] = jax.make_array_from_process_local_data(
+        sharding_lib.data_sharding(mesh, local.ndim), local, global_shape)
+  return out
+
+
+# ------------------------------------------------------------------------------------------
+# State initialisation
+# ------------------------------------------------------------------------------------------
+
+def _init_batch(spec: Mapping[str, jax.ShapeDtypeStruct]) -> dict[str, jax.Array]:
+  # Parameter shapes do not depend on the batch size: initialise with one row of zeros.
+  return {k: jnp.zeros((1,) + v.shape[1:], v.dtype) for k, v in spec.items()
+          if k in ("input_ids", *IMAGE_KEYS)}
+
+
+def _opt_state_shardings(abstract_opt_state: Any, param_shardings: Any, mesh: Mesh) -> Any:
+  """Optimizer-state leaves that mirror a parameter (Adam mu/nu) share its sharding.
+
+  A state leaf mirrors parameter `name` when its key path ends with that name and the shapes match;
+  every other leaf (counts, per-component norms) is replicated. optax.tree_map_params cannot be
+  used here: it does not see through multi_transform's MaskedNodes.
+  """
+  by_name = {path_name(p): s for p, s in jax.tree_util.tree_flatten_with_path(param_shardings)[0]}
+  replicated = sharding_lib.replicated(mesh)
+
+  def choose(path, leaf):
+    parts = path_name(path).split("/")
+    for start in range(len(parts)):
+      candidate = "/".join(parts[start:])
+      if candidate in by_name:
+        return by_name[candidate]
+    del leaf
+    return replicated
+
+  return jax.tree_util.tree_map_with_path(choose, abstract_opt_state)
+
+
+def _abstract_boxed(model: Molmo, spec: Mapping[str, jax.ShapeDtypeStruct]) -> Any:
+  return jax.eval_shape(model.init, jax.random.PRNGKey(0), _init_batch(spec))
+
+
+def abstract_params(model: Molmo, spec: Mapping[str, jax.ShapeDtypeStruct]) -> Any:
+  """ShapeDtypeStructs of the parameter tree (no sharding); enough to build the optimizer."""
+  return nn.unbox(_abstract_boxed(model, spec))["params"]
+
+
+def abstract_train_state(model: Molmo, optimizer: MolmoOptimizer, mesh: Mesh,
+                         spec: Mapping[str, jax.ShapeDtypeStruct]) -> tuple[TrainState, TrainState]:
+  """(ShapeDtypeStructs of the state with `.sharding` set, the state's NamedShardings)."""
+  boxed = _abstract_boxed(model, spec)
+  param_sh = sharding_lib.param_shardings(boxed, mesh)["params"]
+  abstract_params = nn.unbox(boxed)["params"]
+  abstract_opt = jax.eval_shape(optimizer.tx.init, abstract_params)
+  replicated = sharding_lib.replicated(mesh)
+  shardings = TrainState(step=replicated, params=param_sh,
+                         opt_state=_opt_state_shardings(abstract_opt, param_sh, mesh), rng=replicated)
+  abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params,
+                        opt_state=abstract_opt, rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
+  with_sharding = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                               abstract, shardings)
+  return with_sharding, shardings
+
+
+def init_train_state(model: Molmo, optimizer: MolmoOptimizer, mesh: Mesh,
+                     spec: Mapping[str, jax.ShapeDtypeStruct], rng: jax.Array,
+                     params: Any = None) -> TrainState:
+  """A fresh state built directly in its shards (nothing is materialised on one device).
+
+  rng: seeds the random parameter init (split off) and becomes the dropout base key.
+  params: optional parameters to start from (e.g. a converted checkpoint); the optimizer state
+    is then initialised for them and the random init is skipped.
+  """
+  abstract, shardings = abstract_train_state(model, optimizer, mesh, spec)
+  init_rng, dropout_rng = jax.random.split(rng)
+  init_batch = _init_batch(spec)
+
+  def fresh_params():
+    return nn.unbox(model.init(init_rng, init_batch))["params"]
+
+  def build(params):
+    if params is None:
+      params = fresh_params()
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=optimizer.tx.init(params), rng=dropout_rng)
+
+  if params is not None:
+    if jax.tree.structure(params) != jax.tree.structure(abstract.params):
+      raise ValueError("init_train_state: the given params do not have the model's parameter tree")
+    params = jax.device_put(params, shardings.params)
+    # Donated: the given parameters become the state's without a second copy in memory.
+    return jax.jit(build, out_shardings=shardings, donate_argnums=0)(params)
+  return jax.jit(lambda: build(None), out_shardings=shardings)()
+
+
+# ------------------------------------------------------------------------------------------
+# The step
+# ------------------------------------------------------------------------------------------
+
+def model_inputs(batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+  """The model's view of a training batch; answer tokens drive response-only dropout."""
+  inputs = {k: batch[k] for k in ("input_ids", "position_ids", "subsegment_ids", *IMAGE_KEYS)
+            if k in batch}
+  inputs["response_mask"] = batch["loss_weights"] > 0
+  return inputs
+
+
+def _deal_micro_batches(batch: Mapping[str, jax.Array], micro: int, mesh: Mesh) -> dict[str, jax.Array]:
+  """[B, ...] -> [M, B/M, ...] with row r in micro-batch r % M, batch axis still sharded."""
+  out = {}
+  for key, x in batch.items():
+    b = x.shape[0]
+    dealt = x.reshape((b // micro, micro) + x.shape[1:]).swapaxes(0, 1)
+    spec = sharding_lib.data_sharding(mesh, x.ndim).spec
+    out[key] = jax.lax.with_sharding_constraint(
+        dealt, NamedSharding(mesh, PartitionSpec(None, *spec)))
+  return out
+
+
+def _stop_frozen(params: Any, labels: Any) -> Any:
+  # The frozen table's update is discarded anyway; cutting its gradient saves the V_emb x D
+  # scatter-add in the backward pass.
+  return jax.tree.map(lambda p, label: jax.lax.stop_gradient(p) if label == FROZEN else p,
+                      params, labels)
+
+
+def make_loss_fn(model: Molmo, labels: Any, step_cfg: StepConfig) -> Callable:
+  """(params, micro_batch, rng, normaliser) -> (loss, (sums, aux)); gradients add over pieces."""
+  llm = model.config.llm
+  vocab = llm.embedding_size
+
+  def loss_fn(params, batch, rng, normaliser):
+    logits, out = model.apply({"params": _stop_frozen(params, labels)}, model_inputs(batch),
+                              rngs={"dropout": rng})
+    sums = loss_sums(logits, batch["target_ids"], batch["loss_weights"], step_cfg.z_loss_weight)
+    if logits.shape[-1] != vocab:
+      raise ValueError(f"model logits have {logits.shape[-1]} classes, expected {vocab}")
+    denominator = jnp.where(normaliser > 0, normaliser, 1.0)
+    aux = out["aux"]
+    aux_loss = (llm.moe_load_balance_weight * aux["moe_load_balance"]
+                + llm.moe_router_z_weight * aux["moe_router_z"])
+    loss = (sums["ce_sum"] + sums["z_sum"]) / denominator + aux_loss / step_cfg.micro_batches
+    return loss, (sums, aux)
+
+  return loss_fn
+
+
+def make_train_step(model: Molmo, optimizer: MolmoOptimizer, mesh: Mesh, state_shardings: TrainState,
+                    spec: Mapping[str, jax.ShapeDtypeStruct], step_cfg: StepConfig = StepConfig(),
+                    donate: bool = True) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+  """A jitted `step(state, batch) -> (new_state, metrics)` with explicit shardings.
+
+  The state argument is donated (its buffers are reused for the new state) unless donate=False.
+  metrics: loss, ce_loss, z_loss, accuracy, weight_sum, token_count, out_of_range_count,
+  moe_load_balance, moe_router_z, update_norm, grad_norm/<component>, learning_rate/<component>
+  (all replicated fp32 scalars).
+  """
+  check_batch_spec(spec, mesh, step_cfg.micro_batches)
+  micro = step_cfg.micro_batches
+  vocab = model.config.llm.embedding_size
+  loss_fn = make_loss_fn(model, optimizer.labels, step_cfg)
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  param_sh = state_shardings.params
+
+  def accumulate(params, batch, step_rng, normaliser):
+    if micro == 1:
+      (_, (sums, aux)), grads = grad_fn(params, batch, jax.random.fold_in(step_rng, 0), normaliser)
+      return grads, sums, aux
+    dealt = _deal_micro_batches(batch, micro, mesh)
+
+    def body(carry, xs):
+      grads_acc, sums_acc, aux_acc = carry
+      piece, index = xs
+      (_, (sums, aux)), grads = grad_fn(params, piece, jax.random.fold_in(step_rng, index), normaliser)
+      grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
+      grads_acc = jax.lax.with_sharding_constraint(grads_acc, param_sh)
+      sums_acc = jax.tree.map(jnp.add, sums_acc, sums)
+      aux_acc = jax.tree.map(lambda a, x: a + x / micro, aux_acc, aux)
+      return (grads_acc, sums_acc, aux_acc), None
+
+    zeros = jax.lax.with_sharding_constraint(
+        jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params), param_sh)
+    init = (zeros, {k: jnp.zeros((), jnp.float32) for k in SUM_KEYS},
+            {"moe_load_balance": jnp.zeros((), jnp.float32), "moe_router_z": jnp.zeros((), jnp.float32)})
+    (grads, sums, aux), _ = jax.lax.scan(body, init, (dealt, jnp.arange(micro)))
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+    return grads, sums, aux
+
+  def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    normaliser = loss_weight_sum(batch["target_ids"], batch["loss_weights"], vocab)
+    step_rng = jax.random.fold_in(state.rng, state.step)
+    grads, sums, aux = accumulate(state.params, batch, step_rng, normaliser)
+    updates, opt_state = optimizer.tx.update(grads, state.opt_state, state.params)
+    params = jax.tree.map(lambda p, u: (p + u).astype(p.dtype), state.params, updates)
+    _, metrics = loss_from_sums(sums, normaliser)
+    metrics.update(aux)
+    # Finite loss and gradients can still give a non-finite update (an overflowing LR); the loop
+    # checks this too before it saves the new parameters.
+    metrics["update_norm"] = optax.tree.norm(updates)
+    for name, value in component_grad_norms(opt_state).items():
+      metrics[f"grad_norm/{name}"] = value
+    for name, value in optimizer.current_learning_rates(state.step).items():
+      metrics[f"learning_rate/{name}"] = value
+    new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=state.rng)
+    return new_state, metrics
+
+  replicated = sharding_lib.replicated(mesh)
+  jitted = jax.jit(step, in_shardings=(state_shardings, batch_shardings(mesh, spec)),
+                   out_shardings=(state_shardings, replicated),
+                   donate_argnums=(0,) if donate else ())
+
+  def run(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    with sharding_lib.activate(mesh):
+      return jitted(state, batch)
+
+  run.jitted = jitted          # for .lower(...) / AOT compilation
+  return run

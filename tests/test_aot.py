@@ -1,0 +1,93 @@
+"""Compile-only planning for TPU slices (libtpu from the `tpu` extra; JAX itself stays on the CPU).
+
+CI installs the extra, so these tests must run there: a missing libtpu is a failure, not a skip,
+unless MOLMO_SKIP_AOT=1 says so explicitly.
+"""
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _require_libtpu():
+  if importlib.util.find_spec("libtpu") is None:
+    if os.environ.get("MOLMO_SKIP_AOT") == "1":
+      pytest.skip("MOLMO_SKIP_AOT=1 and libtpu is not installed")
+    pytest.fail("libtpu is not installed: pip install -e '.[tpu]' (or set MOLMO_SKIP_AOT=1)")
+
+
+def _tiny_config(**overrides):
+  sys.path.insert(0, str(ROOT))
+  import train as train_cli
+  config = train_cli.load_config_file(str(ROOT / "configs" / "tiny_test.py"))
+  for key, value in overrides.items():
+    train_cli.apply_override(config, key, value)
+  return config
+
+
+def test_topology_names_are_validated():
+  from molmo_jax.training import aot
+  assert aot.parse_topology("v5p:2x2x1") == ("v5p", 4)
+  assert aot.parse_topology("v6e:16x16") == ("v6e", 256)
+  for bad in ("v5p", "v7:2x2", "v5p:2", "tpu:2x2x2"):
+    with pytest.raises(ValueError, match="topology"):
+      aot.parse_topology(bad)
+
+
+def test_tiny_train_step_compiles_for_a_v5p_slice_and_reports_memory():
+  _require_libtpu()
+  from molmo_jax.training import aot
+  config = _tiny_config(**{"mesh.data": "1", "mesh.fsdp": "2", "mesh.tensor": "2"})
+  report = aot.compile_train_step(config, "v5p:2x2x1")
+  assert report.error is None
+  assert report.fits
+  assert report.chips == 4 and report.mesh["fsdp"] == 2 and report.mesh["tensor"] == 2
+  assert report.argument_bytes > 0 and report.temp_bytes > 0
+  assert 0 < report.total_bytes < report.hbm_per_chip_bytes
+  # Donated state: the new state reuses the argument buffers.
+  assert report.alias_bytes > 0
+  # Parameters really are sharded over the named axes.
+  assert "fsdp" in report.param_sharding["llm/blocks/mlp/gate/kernel"]
+  assert "tensor" in report.param_sharding["llm/blocks/mlp/gate/kernel"]
+  assert report.model_flops_per_step > 0
+  # Compiling for a TPU slice leaves the default backend alone.
+  assert jax.default_backend() == "cpu"
+
+
+def test_a_step_that_does_not_fit_is_reported_not_raised():
+  _require_libtpu()
+  from molmo_jax.training import aot
+  # A decoder far too wide for 16 GiB chips, replicated (pure data parallelism).
+  config = _tiny_config(**{"mesh.data": "4", "mesh.fsdp": "1", "model.llm.d_model": "16384",
+                           "model.llm.mlp_dim": "131072", "model.llm.num_layers": "2",
+                           "model.llm.num_heads": "128", "model.llm.num_kv_heads": "128",
+                           "model.llm.head_dim": "128"})
+  report = aot.compile_train_step(config, "v5e:2x2")
+  assert not report.fits
+  assert "RESOURCE_EXHAUSTED" in report.error or "HBM" in report.error
+
+
+def test_aot_command_line_exit_status_and_json(tmp_path):
+  _require_libtpu()
+  out = tmp_path / "report.json"
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+  env.pop("XLA_FLAGS", None)
+  proc = subprocess.run(
+      [sys.executable, str(ROOT / "aot.py"), "--config", str(ROOT / "configs" / "tiny_test.py"),
+       "--topology", "v5p:2x2x1", "--config.mesh.data=1", "--config.mesh.fsdp=-1", "--json", str(out)],
+      env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  assert "per-chip total" in proc.stdout and "fits" in proc.stdout
+  import json
+  report = json.loads(out.read_text())
+  assert report["chips"] == 4 and report["mesh"]["fsdp"] == 4
+  bad = subprocess.run([sys.executable, str(ROOT / "aot.py"), "--config", str(ROOT / "configs" / "tiny_test.py"),
+                        "--topology", "v9:1x1"], env=env, capture_output=True, text=True, timeout=120)
+  assert bad.returncode == 2 and "topology" in bad.stderr
