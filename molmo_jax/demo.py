@@ -111,8 +111,11 @@ def chance_levels(num_examples: int, scene_config) -> dict[str, float]:
 
 
 def evaluate_demo(predictor, workdir: Path, tag: str, args, scene_config) -> dict[str, float]:
+  import shutil
   from molmo_jax.evals.runner import evaluate
   out = {}
+  # Fresh predictions: the runner would otherwise resume from a previous run's (older) model.
+  shutil.rmtree(workdir / f"eval-{tag}", ignore_errors=True)
   for task, key, metric in (("synthetic_count", "count_accuracy", "correct"),
                             ("synthetic_points", "pointing_f1", "f1")):
     start = time.time()

@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 
 from molmo_jax.config import LLMConfig
-from molmo_jax.models.layers import (DecoderAttention, RMSNorm, SwiGLU, constrain, dense_init,
+from molmo_jax.models.layers import (DecoderAttention, RMSNorm, SwiGLU, constrain, embedding_init,
+                                     kernel_init,
                                      logical, maybe_remat)
 from molmo_jax.models.moe import MoEBlock
 
@@ -87,9 +88,9 @@ class Embedding(nn.Module):
   @nn.compact
   def __call__(self, ids: Array) -> Array:
     cfg = self.config
-    pretrained = self.param("pretrained", logical(dense_init(), ("vocab", "embed")),
+    pretrained = self.param("pretrained", logical(embedding_init(), ("vocab", "embed")),
                             (cfg.embedding_size, cfg.d_model), self.param_dtype)
-    new = self.param("new", logical(dense_init(), (None, "embed")),
+    new = self.param("new", logical(embedding_init(), (None, "embed")),
                      (cfg.additional_vocab_size, cfg.d_model), self.param_dtype)
     table = jnp.concatenate([pretrained, new], axis=0).astype(self.dtype)
     return jnp.take(table, ids, axis=0)
@@ -113,7 +114,7 @@ class Decoder(nn.Module):
                       length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
     self.blocks = scanned(cfg, self.dtype, self.param_dtype)
     self.final_norm = RMSNorm(cfg.norm_eps, self.dtype, self.param_dtype, axis_name="norm")
-    self.lm_head = self.param("lm_head", logical(dense_init(), ("embed", "vocab")),
+    self.lm_head = self.param("lm_head", logical(kernel_init(), ("embed", "vocab")),
                               (cfg.d_model, cfg.embedding_size), self.param_dtype)
 
   def embed(self, ids: Array) -> Array:

@@ -24,8 +24,21 @@ Dtype = Any
 NEG_INF = float(jnp.finfo(jnp.float32).min)
 
 
-def dense_init(std: float = 0.02) -> Callable:
+def embedding_init(std: float = 0.02) -> Callable:
   return nn.initializers.normal(stddev=std)
+
+
+def kernel_init(in_axis: int | tuple[int, ...] = -2, out_axis: int | tuple[int, ...] = -1,
+                batch_axis: tuple[int, ...] = ()) -> Callable:
+  """Fan-in scaled init for kernels, so that a freshly initialised model keeps O(1) activations.
+
+  The reference draws every kernel from N(0, 0.02) because it starts from pretrained CLIP and LLM
+  weights; from scratch (the built-in demo) that makes the connector's output vanish: the
+  SwiGLU projector squares already small pooled features and the image signal never reaches
+  the decoder. Converted checkpoints overwrite all of this.
+  """
+  return nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=in_axis,
+                                          out_axis=out_axis, batch_axis=batch_axis)
 
 
 def logical(init: Callable, names: tuple[str | None, ...]) -> Callable:
@@ -65,8 +78,10 @@ class DenseGeneral(nn.Module):
   def __call__(self, x: Array) -> Array:
     features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
     in_shape = x.shape[x.ndim - self.contract:]
-    kernel = self.param("kernel", logical(dense_init(), self.axes), in_shape + features,
-                        self.param_dtype)
+    in_axes = tuple(range(self.contract))
+    out_axes = tuple(range(self.contract, self.contract + len(features)))
+    kernel = self.param("kernel", logical(kernel_init(in_axes, out_axes), self.axes),
+                        in_shape + features, self.param_dtype)
     dims = (tuple(range(x.ndim - self.contract, x.ndim)), tuple(range(self.contract)))
     y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (dims, ((), ())))
     if self.use_bias:

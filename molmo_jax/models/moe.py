@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from molmo_jax.config import LLMConfig
-from molmo_jax.models.layers import constrain, dense_init, logical
+from molmo_jax.models.layers import constrain, kernel_init, logical
 
 Array = jax.Array
 
@@ -116,9 +116,9 @@ class MoEBlock(nn.Module):
     cfg = self.config
     b, t, d = x.shape
     e, f = cfg.num_experts, cfg.expert_mlp_dim
-    router = self.param("router", logical(dense_init(), ("embed", None)), (d, e), self.param_dtype)
+    router = self.param("router", logical(kernel_init(), ("embed", None)), (d, e), self.param_dtype)
     expert_param = lambda name, shape, axes: self.param(
-        name, logical(dense_init(), axes), shape, self.param_dtype)
+        name, logical(kernel_init(-2, -1, (0,)), axes), shape, self.param_dtype)
     gate = expert_param("gate", (e, d, f), ("exp", "embed", "mlp"))
     up = expert_param("up", (e, d, f), ("exp", "embed", "mlp"))
     down = expert_param("down", (e, f, d), ("exp", "mlp", "embed"))

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from molmo_jax.config import VisionConfig
 from molmo_jax.models.layers import (BTD, BTF, DenseGeneral, LayerNorm, MultiHeadAttention, constrain,
-                                     dense_init, logical, maybe_remat)
+                                     embedding_init, logical, maybe_remat)
 
 Array = jax.Array
 
@@ -69,10 +69,10 @@ class VisionTransformer(nn.Module):
                      param_dtype=self.param_dtype, name="patch_embed")(patches)
     x = constrain(x, BTD)
     if cfg.use_cls_token:
-      cls = self.param("class_embedding", logical(dense_init(), ("vit_embed",)), (cfg.width,),
+      cls = self.param("class_embedding", logical(embedding_init(), ("vit_embed",)), (cfg.width,),
                        self.param_dtype)
       x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (b, 1, cfg.width)), x], axis=1)
-    pos = self.param("positional_embedding", logical(dense_init(), ("vit_positions", "vit_embed")),
+    pos = self.param("positional_embedding", logical(embedding_init(), ("vit_positions", "vit_embed")),
                      (cfg.num_positions, cfg.width), self.param_dtype)
     if pos.shape[0] != x.shape[1]:
       raise ValueError(f"vision: {x.shape[1]} tokens per crop but {pos.shape[0]} positional embeddings; "
