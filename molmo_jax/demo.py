@@ -41,7 +41,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _quiet_logs() -> None:
-  for name in ("absl", "orbax", "jax._src", "grain"):
+  """Training progress (molmo_jax.train) at INFO; libraries and per-example data notes quiet."""
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S",
+                      force=True)
+  for name in ("absl", "orbax", "jax", "grain", "molmo_jax.data"):
     logging.getLogger(name).setLevel(logging.WARNING)
   try:
     from absl import logging as absl_logging
