@@ -39,10 +39,11 @@ def mesh_for(model: str, chips: int) -> dict[str, int]:
   return {"data": 1, "fsdp": chips, "tensor": 1, "expert": 1}
 
 
-def compile_one(model: str, stage: str, topology: str) -> dict:
+def compile_one(model: str, stage: str, topology: str, micro_batches: int = 1) -> dict:
   import train as train_cli
   from molmo_jax.training import aot
   config = train_cli.load_config_file(f"{ROOT / STAGES[stage]}:model={model}")
+  config.micro_batches = micro_batches
   _, chips = aot.parse_topology(topology)
   mesh = mesh_for(model, chips)
   report = aot.compile_train_step(config, topology, mesh)
@@ -50,6 +51,7 @@ def compile_one(model: str, stage: str, topology: str) -> dict:
   out.pop("param_sharding")
   out.update(model=model, stage=stage, remat_policy=str(config.model.remat_policy),
              global_batch=int(config.data.global_batch_size), seq_len=int(config.data.seq_len),
+             micro_batches=micro_batches,
              fits_90=bool(report.error is None and report.hbm_fraction <= HBM_LIMIT))
   return out
 
@@ -60,15 +62,32 @@ def main():
   p.add_argument("--stages", default="finetune,pretrain")
   p.add_argument("--generations", default="v5p,v6e")
   p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "scaling.json"))
+  p.add_argument("--plan", default="", help="explicit entries model:stage:topology[:micro_batches],"
+                 " comma-separated, instead of the search")
+  p.add_argument("--table", action="store_true", help="only print the table of the JSON file")
   args = p.parse_args()
   out = Path(args.out)
   results = json.loads(out.read_text()) if out.exists() else []
-  done = {(r["model"], r["stage"], r["topology"]): r for r in results}
+  done = {(r["model"], r["stage"], r["topology"], r.get("micro_batches", 1)): r for r in results}
+  if args.table:
+    print(table(results))
+    return
+  if args.plan:
+    for entry in args.plan.split(","):
+      model, stage, topology, *micro = entry.split(":")
+      key = (model, stage, topology, int(micro[0]) if micro else 1)
+      if key not in done:
+        print(f"compiling {key} ...", flush=True)
+        done[key] = compile_one(model, stage, topology, key[3])
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(list(done.values()), indent=2))
+    print(table(list(done.values())))
+    return
   for model in args.models.split(","):
     for stage in args.stages.split(","):
       for gen in args.generations.split(","):
         for topology in SLICES[gen]:
-          key = (model, stage, topology)
+          key = (model, stage, topology, 1)
           if key not in done:
             print(f"compiling {model} {stage} on {topology} ...", flush=True)
             done[key] = compile_one(model, stage, topology)
@@ -81,14 +100,15 @@ def main():
 
 def table(results: list[dict]) -> str:
   gib = 1024 ** 3
-  rows = ["| model | stage | slice | chips | mesh | remat | batch x seq | per-chip HBM | of HBM | fits (<= 90 %) | compile s |",
-          "|---|---|---|---|---|---|---|---|---|---|---|"]
+  rows = ["| model | stage | slice | chips | mesh | remat | batch x seq | micro-batches | per-chip HBM | of HBM | fits (<= 90 %) | compile s |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in sorted(results, key=lambda r: (r["model"], r["stage"], r["chips"])):
     mesh = ",".join(f"{k}={v}" for k, v in r["mesh"].items() if v > 1) or "1"
     mem = f"{r['total_bytes'] / gib:.1f} GiB" if not r["error"] else "OOM at compile"
     frac = f"{100 * r['hbm_fraction']:.0f} %" if not r["error"] else "-"
     rows.append(f"| {r['model']} | {r['stage']} | {r['topology']} | {r['chips']} | {mesh} | {r['remat_policy']} | "
-                f"{r['global_batch']} x {r['seq_len']} | {mem} | {frac} | {'yes' if r['fits_90'] else 'no'} | "
+                f"{r['global_batch']} x {r['seq_len']} | {r.get('micro_batches', 1)} | {mem} | {frac} | "
+                f"{'yes' if r['fits_90'] else 'no'} | "
                 f"{r['compile_seconds']:.0f} |")
   return "\n".join(rows)
 
