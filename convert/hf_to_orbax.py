@@ -45,6 +45,7 @@ from convert.release_tables import (COPY, Rule, check_rules_match, hf_tensor_sha
                                     rules_for, to_ours, transpose)
 from convert.safetensors_io import INDEX_FILE, SafetensorsDir
 from molmo_jax.config import MolmoConfig
+from molmo_jax.training.checkpoint import replace_directory
 
 DEFAULT_BLOCK_BYTES = 64 * 2**20     # row blocks of large tables; also the in-flight write budget
 FLOAT_CODES = ("F32", "BF16", "F16")
@@ -295,17 +296,6 @@ def convert_hf_to_orbax(hf_dir: str | Path, out_dir: str | Path, *, dtype: str =
     shutil.rmtree(staging, ignore_errors=True)
     raise
   return out_dir
-
-
-def replace_directory(staging: Path, directory: Path) -> None:
-  """Renames `staging` to `directory`; an existing one is swapped out, then removed."""
-  if not directory.exists():
-    staging.rename(directory)
-    return
-  retired = directory.parent / f".{directory.name}.old-{uuid.uuid4().hex[:12]}"
-  directory.rename(retired)
-  staging.rename(directory)
-  shutil.rmtree(retired, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> None:

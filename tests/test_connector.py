@@ -26,22 +26,7 @@ TOL = 1e-5
 # Random parameters that make every term visible (zero biases and pad embeddings would hide bugs).
 # ----------------------------------------------------------------------------------------------
 
-def random_params(abstract_params, seed: int):
-  rng = np.random.default_rng(seed)
-
-  def draw(path, leaf):
-    name = path[-1].key
-    if name == "scale":
-      value = 1.0 + 0.1 * rng.standard_normal(leaf.shape)
-    elif name == "bias":
-      value = 0.1 * rng.standard_normal(leaf.shape)
-    elif name in ("pad_embed", "pretrained", "new", "class_embedding", "positional_embedding"):
-      value = rng.standard_normal(leaf.shape)
-    else:
-      value = 0.15 * rng.standard_normal(leaf.shape)
-    return jnp.asarray(value, leaf.dtype)
-
-  return jax.tree_util.tree_map_with_path(draw, nn.unbox(abstract_params))
+from model_helpers import random_params  # noqa: E402
 
 
 def tiny_batch(cfg, rng, batch=2, crops=2, length=48):

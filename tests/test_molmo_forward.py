@@ -12,6 +12,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+import model_helpers
 import pytest
 
 from molmo_jax import config as C
@@ -23,23 +25,8 @@ IMAGE_SEGMENT = 10000   # subsegment id of the shared image block (spec §8.2)
 
 
 def random_params(model, batch, seed):
-  """Random parameters at a scale where every term matters (biases, norms and logits are O(1))."""
-  abstract = nn.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0), batch)["params"])
-  rng = np.random.default_rng(seed)
-
-  def draw(path, leaf):
-    name = path[-1].key
-    if name == "scale":
-      value = 1.0 + 0.1 * rng.standard_normal(leaf.shape)
-    elif name == "bias":
-      value = 0.1 * rng.standard_normal(leaf.shape)
-    elif name in ("pad_embed", "pretrained", "new", "class_embedding", "positional_embedding"):
-      value = rng.standard_normal(leaf.shape)
-    else:
-      value = 0.15 * rng.standard_normal(leaf.shape)
-    return jnp.asarray(value, leaf.dtype)
-
-  return jax.tree_util.tree_map_with_path(draw, abstract)
+  """Random parameters of `model` at a scale where every term matters (see model_helpers)."""
+  return model_helpers.random_params(jax.eval_shape(model.init, jax.random.PRNGKey(0), batch)["params"], seed)
 
 
 def image_inputs(cfg, rng, batch, crops):

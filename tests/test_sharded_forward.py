@@ -26,23 +26,7 @@ TOL = 1e-5
 B, T, CROPS = 8, 24, 1
 
 
-def random_params(abstract_params, seed):
-  """O(1) logits, live biases and norms (see test_molmo_forward.random_params)."""
-  rng = np.random.default_rng(seed)
-
-  def draw(path, leaf):
-    name = path[-1].key
-    if name == "scale":
-      value = 1.0 + 0.1 * rng.standard_normal(leaf.shape)
-    elif name == "bias":
-      value = 0.1 * rng.standard_normal(leaf.shape)
-    elif name in ("pad_embed", "pretrained", "new", "class_embedding", "positional_embedding"):
-      value = rng.standard_normal(leaf.shape)
-    else:
-      value = 0.15 * rng.standard_normal(leaf.shape)
-    return jnp.asarray(value, leaf.dtype)
-
-  return jax.tree_util.tree_map_with_path(draw, nn.unbox(abstract_params))
+from model_helpers import random_params  # noqa: E402
 
 
 def make_batch(cfg, seed=0):

@@ -304,14 +304,14 @@ def save_model_checkpoint(directory: str | os.PathLike, params: Any, config_json
     (staging / _CONFIG_FILE).write_text(config_text)
     if tokenizer_dir is not None:
       shutil.copytree(tokenizer_dir, staging / _TOKENIZER_DIR)
-    _replace_directory(staging, directory)
+    replace_directory(staging, directory)
   except BaseException:
     shutil.rmtree(staging, ignore_errors=True)
     raise
   return directory
 
 
-def _replace_directory(staging: Path, directory: Path) -> None:
+def replace_directory(staging: Path, directory: Path) -> None:
   if not directory.exists():
     os.rename(staging, directory)
     return
