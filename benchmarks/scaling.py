@@ -62,8 +62,8 @@ def main():
   p.add_argument("--stages", default="finetune,pretrain")
   p.add_argument("--generations", default="v5p,v6e")
   p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "scaling.json"))
-  p.add_argument("--plan", default="", help="explicit entries model:stage:topology[:micro_batches],"
-                 " comma-separated, instead of the search")
+  p.add_argument("--plan", default="", help="explicit entries model@stage@topology[@micro_batches],"
+                 " comma-separated, instead of the search (e.g. molmo-72b@finetune@v5p:8x8x4)")
   p.add_argument("--table", action="store_true", help="only print the table of the JSON file")
   args = p.parse_args()
   out = Path(args.out)
@@ -74,7 +74,7 @@ def main():
     return
   if args.plan:
     for entry in args.plan.split(","):
-      model, stage, topology, *micro = entry.split(":")
+      model, stage, topology, *micro = entry.split("@")
       key = (model, stage, topology, int(micro[0]) if micro else 1)
       if key not in done:
         print(f"compiling {key} ...", flush=True)
