@@ -27,7 +27,6 @@ import dataclasses
 import math
 import shutil
 import time
-import uuid
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -45,7 +44,7 @@ from convert.release_tables import (COPY, Rule, check_rules_match, hf_tensor_sha
                                     rules_for, to_ours, transpose)
 from convert.safetensors_io import INDEX_FILE, SafetensorsDir
 from molmo_jax.config import MolmoConfig
-from molmo_jax.training.checkpoint import replace_directory
+from molmo_jax.training.checkpoint import staged_directory
 
 DEFAULT_BLOCK_BYTES = 64 * 2**20     # row blocks of large tables; also the in-flight write budget
 FLOAT_CODES = ("F32", "BF16", "F16")
@@ -280,10 +279,7 @@ def convert_hf_to_orbax(hf_dir: str | Path, out_dir: str | Path, *, dtype: str =
   for rule in rules:
     _set_leaf(tree, rule.ours, streamed_leaf(reader, rule, shapes[rule.ours], out_dtype, block_bytes))
 
-  out_dir.parent.mkdir(parents=True, exist_ok=True)
-  staging = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex[:12]}"
-  try:
-    staging.mkdir()
+  with staged_directory(out_dir) as staging:
     save_streamed_pytree(staging / "params", tree, inflight_bytes=block_bytes)
     (staging / "config.json").write_text(MolmoConfig.from_json(cfg.to_json()).to_json())
     extras = side_files(hf_dir)
@@ -291,10 +287,6 @@ def convert_hf_to_orbax(hf_dir: str | Path, out_dir: str | Path, *, dtype: str =
       (staging / "tokenizer").mkdir()
       for path in extras:
         shutil.copy2(path, staging / "tokenizer" / path.name)
-    replace_directory(staging, out_dir)
-  except BaseException:
-    shutil.rmtree(staging, ignore_errors=True)
-    raise
   return out_dir
 
 

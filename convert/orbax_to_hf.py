@@ -19,7 +19,6 @@ import json
 import math
 import shutil
 import time
-import uuid
 from pathlib import Path
 
 import jax
@@ -27,7 +26,8 @@ import numpy as np
 import tensorstore as ts
 
 from convert import release_config
-from convert.hf_to_orbax import DEFAULT_BLOCK_BYTES, OUT_DTYPES, model_leaf_shapes, replace_directory
+from convert.hf_to_orbax import DEFAULT_BLOCK_BYTES, OUT_DTYPES, model_leaf_shapes
+from molmo_jax.training.checkpoint import staged_directory
 from convert.release_tables import COPY, Rule, fused_groups, row_splittable, rules_for, to_hf, transpose
 from convert.safetensors_io import DEFAULT_MAX_SHARD_BYTES, TensorSpec, write_sharded
 from molmo_jax.config import MolmoConfig
@@ -189,10 +189,7 @@ def convert_orbax_to_hf(model_dir: str | Path, out_dir: str | Path, *, dtype: st
     return _pieces(reader, template, groups[template], layer, out_dtype)
 
   tokenizer = model_dir / "tokenizer"
-  out_dir.parent.mkdir(parents=True, exist_ok=True)
-  staging = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex[:12]}"
-  try:
-    staging.mkdir()
+  with staged_directory(out_dir) as staging:
     write_sharded(staging, specs, pieces, max_shard_bytes)
     (staging / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     existing = None
@@ -204,10 +201,6 @@ def convert_orbax_to_hf(model_dir: str | Path, out_dir: str | Path, *, dtype: st
       for path in sorted(tokenizer.iterdir()):
         if path.is_file() and path.name not in _GENERATED:
           shutil.copy2(path, staging / path.name)
-    replace_directory(staging, out_dir)
-  except BaseException:
-    shutil.rmtree(staging, ignore_errors=True)
-    raise
   return out_dir
 
 

@@ -22,12 +22,13 @@ write leaves nothing at `<dir>`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Iterator, Mapping, NamedTuple
 
 import etils.epath as epath
 import jax
@@ -295,20 +296,29 @@ def save_model_checkpoint(directory: str | os.PathLike, params: Any, config_json
   if tokenizer_dir is not None and not Path(tokenizer_dir).is_dir():
     raise FileNotFoundError(f"tokenizer_dir: {tokenizer_dir} is not a directory")
   config_text = _config_text(config_json)
-  directory.parent.mkdir(parents=True, exist_ok=True)
-  staging = directory.parent / f".{directory.name}.partial-{uuid.uuid4().hex[:12]}"
-  try:
-    staging.mkdir()
+  with staged_directory(directory) as staging:
     checkpointer = ocp.Checkpointer(ocp.StandardCheckpointHandler())
     checkpointer.save(epath.Path(staging / _PARAMS_DIR), args=ocp.args.StandardSave(params))
     (staging / _CONFIG_FILE).write_text(config_text)
     if tokenizer_dir is not None:
       shutil.copytree(tokenizer_dir, staging / _TOKENIZER_DIR)
+  return directory
+
+
+@contextlib.contextmanager
+def staged_directory(directory: Path) -> Iterator[Path]:
+  """Yields a hidden sibling folder to write into; on success it replaces `directory`, on any
+  error it is removed, so `directory` only ever holds a complete result (or its old contents)."""
+  directory = Path(directory)
+  directory.parent.mkdir(parents=True, exist_ok=True)
+  staging = directory.parent / f".{directory.name}.partial-{uuid.uuid4().hex[:12]}"
+  try:
+    staging.mkdir()
+    yield staging
     replace_directory(staging, directory)
   except BaseException:
     shutil.rmtree(staging, ignore_errors=True)
     raise
-  return directory
 
 
 def replace_directory(staging: Path, directory: Path) -> None:
