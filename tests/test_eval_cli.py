@@ -128,3 +128,12 @@ def test_cli_usage_and_data_errors(checkpoint, tmp_path, capsys):
   assert "does not exist" in capsys.readouterr().err
   with pytest.raises(SystemExit):
     eval_cli.main(["--checkpoint", str(checkpoint), "--task", "chartqa", "--limit", "0"])
+
+
+def test_predictions_of_another_model_are_never_resumed(predictor, tmp_path):
+  fixture = FIXTURES["chartqa"](tmp_path / "data")
+  runner.evaluate(predictor, "chartqa", data=fixture.data, output_dir=tmp_path / "out", **FAST)
+  retrained = Predictor(predictor.config, jax.tree.map(lambda x: x * 1.01, predictor.params),
+                        predictor.tokenizer, mesh=predictor.mesh)
+  with pytest.raises(runner.DataError, match="model"):
+    runner.evaluate(retrained, "chartqa", data=fixture.data, output_dir=tmp_path / "out", **FAST)

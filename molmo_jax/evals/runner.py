@@ -62,6 +62,23 @@ def read_predictions(path: Path) -> dict[str, dict]:
   return rows
 
 
+def model_fingerprint(predictor: Any) -> str | None:
+  """A short digest of the predictor's config and a few parameter sums, so that a retrained or
+  different checkpoint never resumes another model's predictions file. None for predictors
+  without parameters (test doubles)."""
+  params = getattr(predictor, "params", None)
+  config = getattr(predictor, "config", None)
+  if params is None or config is None:
+    return None
+  import hashlib
+  import jax
+  import jax.numpy as jnp
+  sums = [float(jnp.sum(jnp.asarray(leaf, jnp.float32))) for leaf in jax.tree.leaves(params)]
+  digest = hashlib.sha1(config.to_json().encode())
+  digest.update(json.dumps([round(x, 6) for x in sums]).encode())
+  return digest.hexdigest()[:16]
+
+
 def _check_settings(path: Path, settings: dict) -> None:
   """Refuses to mix predictions made with different generation settings in one file."""
   if path.exists():
@@ -199,6 +216,9 @@ def evaluate(predictor: Any, task: str | tasks_lib.Task, data: Any = None, limit
   sampling = SamplingConfig(max_new_tokens=max_new_tokens or task.max_new_tokens)
   settings = {"task": task.name, "max_crops": crops, "max_new_tokens": sampling.max_new_tokens,
               "data": stream.description}
+  fingerprint = model_fingerprint(predictor)
+  if fingerprint is not None:
+    settings["model"] = fingerprint
 
   out_dir = Path(output_dir) if output_dir is not None else None
   done: dict[str, dict] = {}
