@@ -117,7 +117,8 @@ def evaluate_demo(predictor, workdir: Path, tag: str, args, scene_config) -> dic
   import shutil
   from molmo_jax.evals.runner import evaluate
   out = {}
-  # Fresh predictions: the runner would otherwise resume from a previous run's (older) model.
+  # Each run exports a new model; the runner refuses to resume another model's predictions, so
+  # the demo starts its own evaluation folders afresh.
   shutil.rmtree(workdir / f"eval-{tag}", ignore_errors=True)
   for task, key, metric in (("synthetic_count", "count_accuracy", "correct"),
                             ("synthetic_points", "pointing_f1", "f1")):
