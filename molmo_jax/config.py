@@ -39,6 +39,11 @@ class VisionConfig:
   use_pre_ln: bool = True
   patch_bias: bool = False
   selected_layers: tuple[int, ...] = DEFAULT_VIT_LAYERS
+  # How a from-scratch model initialises its positional table: "normal" (N(0, 0.02), CLIP's own
+  # init) or "sincos2d" (fixed 2-D sine/cosine features of the patch row and column, CLS row 0),
+  # which lets a small model tell patch positions apart from the first step. Converted weights
+  # overwrite it either way.
+  position_init: Literal["normal", "sincos2d"] = "normal"
 
   @property
   def grid_size(self) -> int:

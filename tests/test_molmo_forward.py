@@ -220,3 +220,25 @@ def test_kv_cache_decode_matches_full_forward(family):
   got = np.concatenate(got, axis=1)
   np.testing.assert_allclose(got, full, atol=TOL, rtol=0)
   assert np.abs(full).max() > 1.0
+
+
+def test_sincos2d_position_init_encodes_row_and_column():
+  """The from-scratch position table: CLS row zero, each patch a distinct unit-amplitude code whose
+  x-quarter depends only on the column and y-quarter only on the row."""
+  from molmo_jax.models.vit import VisionTransformer
+  vision = C.VisionConfig(image_size=32, patch_size=8, width=16, num_heads=2, head_dim=8, num_layers=1,
+                          mlp_dim=32, selected_layers=(0,), position_init="sincos2d")
+  params = VisionTransformer(vision).init(jax.random.key(0), jnp.zeros((1, 16, 192)))["params"]
+  table = np.asarray(nn.unbox(params["positional_embedding"]))
+  assert table.shape == (17, 16)
+  np.testing.assert_array_equal(table[0], 0.0)
+  grid = table[1:].reshape(4, 4, 16)                    # [row, col, D]
+  np.testing.assert_allclose(grid[:, :, :8], np.broadcast_to(grid[:1, :, :8], grid[:, :, :8].shape))
+  np.testing.assert_allclose(grid[:, :, 8:], np.broadcast_to(grid[:, :1, 8:], grid[:, :, 8:].shape))
+  distances = np.linalg.norm(table[1:, None] - table[None, 1:], axis=-1)
+  assert distances[~np.eye(16, dtype=bool)].min() > 0.1
+  # column 1: sin(1 * w) at w = 10000^(-k/4), k = 0..3
+  np.testing.assert_allclose(grid[0, 1, :4], np.sin([1.0, 1e-1, 1e-2, 1e-3]), rtol=1e-5)
+  with pytest.raises(ValueError, match="divisible by 4"):
+    VisionTransformer(C.VisionConfig(**{**vision.__dict__, "width": 18, "head_dim": 9})).init(
+        jax.random.key(0), jnp.zeros((1, 16, 192)))

@@ -10,7 +10,7 @@ The tower returns the outputs of the selected blocks (the reference's `vit_layer
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -27,6 +27,33 @@ ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
     "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
 }
+
+
+def sincos2d_position_init(grid_size: int, with_cls: bool, temperature: float = 10_000.0) -> Callable:
+  """Init for the [S, D] positional table: sin/cos of the patch row and column at D/4 frequencies.
+
+  Row-major over the grid (the patch order of `preprocess.image`); the CLS row, if any, is zero.
+  Each quarter of D holds sin(x w), cos(x w), sin(y w), cos(y w) for w = temperature^-(k / (D/4)).
+  """
+
+  def init(key, shape, dtype=jnp.float32):
+    del key
+    positions, width = shape
+    if width % 4:
+      raise ValueError(f"vision.position_init='sincos2d' needs a width divisible by 4, got {width}")
+    if positions != grid_size ** 2 + int(with_cls):
+      raise ValueError(f"vision.position_init='sincos2d': {positions} positions for a {grid_size}x"
+                       f"{grid_size} grid{' + CLS' if with_cls else ''}")
+    y, x = jnp.mgrid[:grid_size, :grid_size]
+    omega = 1.0 / temperature ** (jnp.arange(width // 4) / (width // 4))
+    xw = x.reshape(-1)[:, None] * omega[None]
+    yw = y.reshape(-1)[:, None] * omega[None]
+    table = jnp.concatenate([jnp.sin(xw), jnp.cos(xw), jnp.sin(yw), jnp.cos(yw)], axis=1)
+    if with_cls:
+      table = jnp.concatenate([jnp.zeros((1, width)), table], axis=0)
+    return table.astype(dtype)
+
+  return init
 
 
 class VitBlock(nn.Module):
@@ -72,7 +99,11 @@ class VisionTransformer(nn.Module):
       cls = self.param("class_embedding", logical(embedding_init(), ("vit_embed",)), (cfg.width,),
                        self.param_dtype)
       x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (b, 1, cfg.width)), x], axis=1)
-    pos = self.param("positional_embedding", logical(embedding_init(), ("vit_positions", "vit_embed")),
+    if cfg.position_init == "sincos2d":
+      pos_init = sincos2d_position_init(cfg.grid_size, cfg.use_cls_token)
+    else:
+      pos_init = embedding_init()
+    pos = self.param("positional_embedding", logical(pos_init, ("vit_positions", "vit_embed")),
                      (cfg.num_positions, cfg.width), self.param_dtype)
     if pos.shape[0] != x.shape[1]:
       raise ValueError(f"vision: {x.shape[1]} tokens per crop but {pos.shape[0]} positional embeddings; "
