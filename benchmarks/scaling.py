@@ -71,6 +71,8 @@ def main():
   done = {(r["model"], r["stage"], r["topology"], r.get("micro_batches", 1)): r for r in results}
   if args.table:
     print(table(results))
+    print()
+    print(smallest(results))
     return
   if args.plan:
     for entry in args.plan.split(","):
@@ -102,14 +104,41 @@ def table(results: list[dict]) -> str:
   gib = 1024 ** 3
   rows = ["| model | stage | slice | chips | mesh | remat | batch x seq | micro-batches | per-chip HBM | of HBM | fits (<= 90 %) | compile s |",
           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-  for r in sorted(results, key=lambda r: (r["model"], r["stage"], r["chips"])):
+  for r in sorted(results, key=lambda r: (r["model"], r["stage"], r["topology"].split(":")[0],
+                                          r["chips"], r.get("micro_batches", 1))):
     mesh = ",".join(f"{k}={v}" for k, v in r["mesh"].items() if v > 1) or "1"
     mem = f"{r['total_bytes'] / gib:.1f} GiB" if not r["error"] else "OOM at compile"
-    frac = f"{100 * r['hbm_fraction']:.0f} %" if not r["error"] else "-"
+    frac = f"{100 * r['hbm_fraction']:.1f} %" if not r["error"] else "-"
     rows.append(f"| {r['model']} | {r['stage']} | {r['topology']} | {r['chips']} | {mesh} | {r['remat_policy']} | "
                 f"{r['global_batch']} x {r['seq_len']} | {r.get('micro_batches', 1)} | {mem} | {frac} | "
                 f"{'yes' if r['fits_90'] else 'no'} | "
                 f"{r['compile_seconds']:.0f} |")
+  return "\n".join(rows)
+
+
+def smallest(results: list[dict]) -> str:
+  """Per (model, stage, TPU generation): the fewest chips that fit, without and with accumulation."""
+  rows = ["| model | stage | TPU | smallest slice, 1 micro-batch | per-chip HBM | smallest slice, any micro-batches | per-chip HBM |",
+          "|---|---|---|---|---|---|---|"]
+  groups: dict[tuple[str, str, str], list[dict]] = {}
+  for r in results:
+    groups.setdefault((r["model"], r["stage"], r["topology"].split(":")[0]), []).append(r)
+  gib = 1024 ** 3
+
+  def best(entries: list[dict]) -> str:
+    fitting = sorted((r for r in entries if r["fits_90"]),
+                     key=lambda r: (r["chips"], r.get("micro_batches", 1)))
+    if not fitting:
+      return "none compiled fits | -"
+    r = fitting[0]
+    smaller = [x for x in entries if x["chips"] < r["chips"]]
+    note = f" (smaller: {', '.join(sorted({str(x['chips']) for x in smaller}))} chips do not fit)" if smaller else ""
+    return (f"{r['topology']} ({r['chips']} chips, micro {r.get('micro_batches', 1)}){note} | "
+            f"{r['total_bytes'] / gib:.1f} GiB ({100 * r['hbm_fraction']:.0f} %)")
+
+  for (model, stage, gen), entries in sorted(groups.items()):
+    plain = [r for r in entries if r.get("micro_batches", 1) == 1]
+    rows.append(f"| {model} | {stage} | {gen} | {best(plain)} | {best(entries)} |")
   return "\n".join(rows)
 
 

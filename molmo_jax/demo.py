@@ -100,7 +100,7 @@ def chance_levels(num_examples: int, scene_config) -> dict[str, float]:
   majority = max(set(truth), key=truth.count)
   points = SyntheticSource(num_examples, seed=0, config=scene_config, task="points", split="eval")
   rng = np.random.default_rng(0)
-  f1 = []
+  f1, with_objects = [], []
   for i in range(len(points)):
     item = points[i]
     h, w = item["image"].shape[:2]
@@ -110,7 +110,10 @@ def chance_levels(num_examples: int, scene_config) -> dict[str, float]:
     if not k:
       text = "There are none."
     f1.append(pointing_metrics(text, item["points"], item["masks"], (w, h))["f1"])
-  return {"count_accuracy": float(np.mean([t == majority for t in truth])), "pointing_f1": float(np.mean(f1))}
+    if k:
+      with_objects.append(f1[-1])
+  return {"count_accuracy": float(np.mean([t == majority for t in truth])), "pointing_f1": float(np.mean(f1)),
+          "pointing_f1_with_objects": float(np.mean(with_objects)) if with_objects else float("nan")}
 
 
 def evaluate_demo(predictor, workdir: Path, tag: str, args, scene_config) -> dict[str, float]:
@@ -127,6 +130,8 @@ def evaluate_demo(predictor, workdir: Path, tag: str, args, scene_config) -> dic
                        batch_size=args.eval_batch, task_options={"config": scene_config})
     out[key] = float(metrics[metric])
     print(f"[demo] {tag:>8} {task}: {metric} = {out[key]:.3f} ({time.time() - start:.0f} s)", flush=True)
+    if "f1_with_objects" in metrics:
+      out["pointing_f1_with_objects"] = float(metrics["f1_with_objects"])
   return out
 
 
@@ -184,9 +189,10 @@ def main(argv=None) -> int:
   rows = [("model", report["model"]), ("chance", report["chance"])]
   if "no_image_features" in report:
     rows.append(("image features zeroed", report["no_image_features"]))
-  print("\n  held-out synthetic scenes       counting accuracy   pointing F1")
+  print("\n  held-out synthetic scenes       counting accuracy   pointing F1   F1, scenes with objects")
   for name, r in rows:
-    print(f"  {name:<30}  {r['count_accuracy']:>17.3f}   {r['pointing_f1']:>11.3f}")
+    print(f"  {name:<30}  {r['count_accuracy']:>17.3f}   {r['pointing_f1']:>11.3f}   "
+          f"{r.get('pointing_f1_with_objects', float('nan')):>23.3f}")
   print(f"\n  metrics: {workdir / 'metrics.json'}   pictures: {workdir}/points-*.png   "
         f"wall time {report['wall_time_s']:.0f} s")
   return 0

@@ -18,6 +18,7 @@ def test_short_demo_writes_model_metrics_and_pictures(tmp_path):
   for key in ("model", "chance", "no_image_features"):
     assert 0.0 <= report[key]["count_accuracy"] <= 1.0
     assert 0.0 <= report[key]["pointing_f1"] <= 1.0
+    assert 0.0 <= report[key]["pointing_f1_with_objects"] <= 1.0
   assert (workdir / "points-0.png").stat().st_size > 0
   # The evaluation wrote its predictions incrementally.
   rows = (workdir / "eval-model" / "synthetic_count.predictions.jsonl").read_text().splitlines()

@@ -176,3 +176,30 @@ def test_is_point_in_mask(xy, inside):
   mask = np.zeros((3, 4), bool)
   mask[:, :2] = True
   assert is_point_in_mask(xy, mask) is inside
+
+
+# ----------------------------------------------------------------------------- synthetic summary
+
+
+def test_synthetic_pointing_reports_f1_with_and_without_objects_apart(tmp_path):
+  """A model that always says "There are none." scores 1 on the empty scenes and 0 on the rest;
+  the split metrics show it, the overall F1 is their example-weighted mean."""
+  import types
+
+  from molmo_jax.data.synthetic import SyntheticSource
+  from molmo_jax.evals.runner import evaluate
+
+  class NoneSayer:
+    max_crops = None
+
+    def predict(self, images, prompts, *, sampling=None, style=None, stop_strings=(), seed=0):
+      return [types.SimpleNamespace(text="There are none.", finish_reason="eos") for _ in images]
+
+  source = SyntheticSource(24, seed=5, task="points", split="eval")
+  counts = [source[i]["count"] for i in range(len(source))]
+  empty = sum(c == 0 for c in counts)
+  assert 0 < empty < len(counts)
+  metrics = evaluate(NoneSayer(), "synthetic_points", data=source, output_dir=tmp_path, progress=False)
+  assert metrics["f1_without_objects"] == 1.0
+  assert metrics["f1_with_objects"] == 0.0
+  assert metrics["f1"] == pytest.approx(empty / len(counts))

@@ -144,6 +144,18 @@ def counting_summary(rows: Sequence[dict]) -> dict:
                               [r["targets"]["count"] for r in scored])
 
 
+def pointing_summary(rows: Sequence[dict]) -> dict:
+  """F1 on the scenes that contain the asked-for kind and on those that do not, apart: the
+  overall mean mixes point placement with saying "There are none."."""
+  scored = [r for r in rows if r.get("scores")]
+  out = {}
+  for key, keep in (("f1_with_objects", lambda n: n > 0), ("f1_without_objects", lambda n: n == 0)):
+    values = [r["scores"]["f1"] for r in scored if keep(r["targets"]["count"])]
+    if values:
+      out[key] = float(sum(values) / len(values))
+  return out
+
+
 # --------------------------------------------------------------------------------------------
 # Registry
 # --------------------------------------------------------------------------------------------
@@ -216,7 +228,7 @@ def _build_registry() -> dict[str, Task]:
          data_help="built in: SyntheticSource(n, seed, config, task='count', split='eval')",
          options=SYNTHETIC_OPTIONS),
     Task("synthetic_points", "synthetic pointing (held-out)", "f1", None, long,
-         synthetic_loader("points"), bm.score_synthetic_points,
+         synthetic_loader("points"), bm.score_synthetic_points, summarize=pointing_summary,
          data_help="built in: SyntheticSource(n, seed, config, task='points', split='eval')",
          options=SYNTHETIC_OPTIONS),
   ]
