@@ -128,8 +128,10 @@ def smallest(results: list[dict]) -> str:
   def best(entries: list[dict]) -> str:
     fitting = sorted((r for r in entries if r["fits_90"]),
                      key=lambda r: (r["chips"], r.get("micro_batches", 1)))
+    if not entries:
+      return "not compiled | -"
     if not fitting:
-      return "none compiled fits | -"
+      return "none of those compiled fits | -"
     r = fitting[0]
     smaller = [x for x in entries if x["chips"] < r["chips"]]
     note = f" (smaller: {', '.join(sorted({str(x['chips']) for x in smaller}))} chips do not fit)" if smaller else ""
