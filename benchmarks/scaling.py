@@ -64,7 +64,7 @@ def main():
   p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "scaling.json"))
   p.add_argument("--plan", default="", help="explicit entries model@stage@topology[@micro_batches],"
                  " comma-separated, instead of the search (e.g. molmo-72b@finetune@v5p:8x8x4)")
-  p.add_argument("--table", action="store_true", help="only print the table of the JSON file")
+  p.add_argument("--table", action="store_true", help="only print the tables (every point, smallest slices) of the JSON file")
   args = p.parse_args()
   out = Path(args.out)
   results = json.loads(out.read_text()) if out.exists() else []
@@ -74,29 +74,27 @@ def main():
     print()
     print(smallest(results))
     return
+
+  def ensure(key: tuple[str, str, str, int]) -> dict:
+    """The result for `key`, compiled now (and the JSON rewritten) unless already there."""
+    if key not in done:
+      print(f"compiling {key} ...", flush=True)
+      done[key] = compile_one(*key)
+      out.parent.mkdir(parents=True, exist_ok=True)
+      out.write_text(json.dumps(list(done.values()), indent=2))
+    return done[key]
+
   if args.plan:
     for entry in args.plan.split(","):
       model, stage, topology, *micro = entry.split("@")
-      key = (model, stage, topology, int(micro[0]) if micro else 1)
-      if key not in done:
-        print(f"compiling {key} ...", flush=True)
-        done[key] = compile_one(model, stage, topology, key[3])
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(list(done.values()), indent=2))
-    print(table(list(done.values())))
-    return
-  for model in args.models.split(","):
-    for stage in args.stages.split(","):
-      for gen in args.generations.split(","):
-        for topology in SLICES[gen]:
-          key = (model, stage, topology, 1)
-          if key not in done:
-            print(f"compiling {model} {stage} on {topology} ...", flush=True)
-            done[key] = compile_one(model, stage, topology)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(list(done.values()), indent=2))
-          if done[key]["fits_90"]:
-            break
+      ensure((model, stage, topology, int(micro[0]) if micro else 1))
+  else:
+    for model in args.models.split(","):
+      for stage in args.stages.split(","):
+        for gen in args.generations.split(","):
+          for topology in SLICES[gen]:
+            if ensure((model, stage, topology, 1))["fits_90"]:
+              break
   print(table(list(done.values())))
 
 
@@ -134,7 +132,7 @@ def smallest(results: list[dict]) -> str:
       return "none of those compiled fits | -"
     r = fitting[0]
     smaller = [x for x in entries if x["chips"] < r["chips"]]
-    note = f" (smaller: {', '.join(sorted({str(x['chips']) for x in smaller}))} chips do not fit)" if smaller else ""
+    note = f" (smaller: {', '.join(str(c) for c in sorted({x['chips'] for x in smaller}))} chips do not fit)" if smaller else ""
     return (f"{r['topology']} ({r['chips']} chips, micro {r.get('micro_batches', 1)}){note} | "
             f"{r['total_bytes'] / gib:.1f} GiB ({100 * r['hbm_fraction']:.0f} %)")
 

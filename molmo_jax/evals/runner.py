@@ -73,7 +73,10 @@ def model_fingerprint(predictor: Any) -> str | None:
   import hashlib
   import jax
   import jax.numpy as jnp
-  sums = [float(jnp.sum(jnp.asarray(leaf, jnp.float32))) for leaf in jax.tree.leaves(params)]
+  # Sums accumulate in fp32 without a full-precision copy of each (possibly sharded) leaf, and
+  # come back to the host in one transfer.
+  sums = [float(x) for x in jax.device_get([jnp.sum(leaf, dtype=jnp.float32)
+                                            for leaf in jax.tree.leaves(params)])]
   digest = hashlib.sha1(config.to_json().encode())
   digest.update(json.dumps([round(x, 6) for x in sums]).encode())
   return digest.hexdigest()[:16]

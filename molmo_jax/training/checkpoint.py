@@ -315,13 +315,13 @@ def staged_directory(directory: Path) -> Iterator[Path]:
   try:
     staging.mkdir()
     yield staging
-    replace_directory(staging, directory)
+    _replace_directory(staging, directory)
   except BaseException:
     shutil.rmtree(staging, ignore_errors=True)
     raise
 
 
-def replace_directory(staging: Path, directory: Path) -> None:
+def _replace_directory(staging: Path, directory: Path) -> None:
   if not directory.exists():
     os.rename(staging, directory)
     return
