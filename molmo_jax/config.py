@@ -109,6 +109,12 @@ class LLMConfig:
   experts_per_token: int = 0
   expert_mlp_dim: int = 0
   moe_impl: Literal["ragged", "capacity"] = "ragged"
+  # How the dropless ("ragged") path runs on a mesh whose expert axis is > 1 (models/moe.py):
+  # auto = expert parallel (shard_map + all-to-all) with ragged_all_to_all on TPU/GPU and a
+  # fixed-size all_to_all elsewhere (XLA:CPU has no ragged-all-to-all); "ragged_all_to_all" /
+  # "all_to_all" force one transport; "gspmd" = the single-device code partitioned by GSPMD
+  # (gathers the expert weights on every chip).
+  moe_expert_parallel: Literal["auto", "ragged_all_to_all", "all_to_all", "gspmd"] = "auto"
   moe_capacity_factor: float = 1.25
   moe_normalize_topk: bool = False  # the release does not renormalise the top-k weights
   moe_load_balance_weight: float = 0.0
