@@ -14,6 +14,8 @@ Field reference (all overridable with --config.<path>=value):
   data.*                molmo_jax.data.pipeline.DataConfig; data.sources is {name: SourceConfig}
   optimizer.*           molmo_jax.training.optimizer.OptimizerConfig (total_steps comes from the top)
   micro_batches         gradient accumulation: the global batch runs as this many slices
+  loss_chunk_size       LM head + loss over chunks of this many positions, never holding the
+                        [B, T, V] fp32 logits (0 = whole logits at once)
   mesh.{data,fsdp,tensor,expert}   mesh axis sizes; one may be -1 (all remaining devices)
   checkpoint.{save_every,keep,async_save,replica_parallel}
   compilation_cache_dir persistent compilation cache (a restart after pre-emption skips compiling)
@@ -34,6 +36,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 6198                    # the reference's run seed (spec §8.3)
   c.total_steps = 1000
   c.micro_batches = 1
+  c.loss_chunk_size = 512
   c.z_loss_weight = 1e-4           # softmax_auxiliary_loss (spec §8.1)
 
   # AdamW per component, warmup from 0 then cosine to alpha_f * lr, per-component clip 1.0.

@@ -161,3 +161,71 @@ def test_bad_shapes_name_the_input():
     loss_lib.token_cross_entropy(logits, jnp.zeros((2, 3), jnp.int32), jnp.ones((2, 4)))
   with pytest.raises(ValueError, match="integer"):
     loss_lib.token_cross_entropy(logits, jnp.zeros((2, 3)), jnp.ones((2, 3)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Chunked LM head + loss
+# ----------------------------------------------------------------------------------------------
+
+def _hidden_batch(seed=0, b=2, t=37, d=16, v=29):
+  rng = np.random.default_rng(seed)
+  hidden = rng.normal(0, 1, (b, t, d)).astype(np.float32)
+  head = rng.normal(0, 0.7, (d, v)).astype(np.float32)
+  targets = rng.integers(0, v, (b, t)).astype(np.int32)
+  targets[0, :3] = -1
+  targets[1, 7] = v + 4                                   # out of range: ignored and counted
+  weights = rng.uniform(0.2, 2.0, (b, t)).astype(np.float32)
+  weights[1, 10] = 0.0
+  return jnp.asarray(hidden), jnp.asarray(head), jnp.asarray(targets), jnp.asarray(weights)
+
+
+@pytest.mark.parametrize("chunk", [1, 8, 37, 64])
+def test_chunked_loss_equals_plain_loss_and_gradients(chunk):
+  hidden, head, targets, weights = _hidden_batch()
+
+  def plain(hidden, head):
+    logits = jnp.einsum("btd,dv->btv", hidden, head, preferred_element_type=jnp.float32)
+    sums = loss_lib.loss_sums(logits, targets, weights, z_loss_weight=1e-2)
+    return loss_lib.loss_from_sums(sums)[0], sums
+
+  def chunked(hidden, head):
+    sums = loss_lib.chunked_loss_sums(hidden, head, targets, weights, 1e-2, chunk_size=chunk)
+    return loss_lib.loss_from_sums(sums)[0], sums
+
+  (loss_p, sums_p), grads_p = jax.jit(jax.value_and_grad(plain, (0, 1), has_aux=True))(hidden, head)
+  (loss_c, sums_c), grads_c = jax.jit(jax.value_and_grad(chunked, (0, 1), has_aux=True))(hidden, head)
+  np.testing.assert_allclose(float(loss_c), float(loss_p), rtol=1e-6)
+  for key in loss_lib.SUM_KEYS:
+    np.testing.assert_allclose(float(sums_c[key]), float(sums_p[key]), rtol=1e-6, err_msg=key)
+  assert float(sums_p["out_of_range_count"]) == 1 and float(sums_p["z_sum"]) > 0
+  for got, want in zip(grads_c, grads_p):
+    assert float(jnp.abs(want).max()) > 1e-3
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6, rtol=0)
+
+
+def test_chunked_loss_never_holds_the_full_logits():
+  """Neither the forward nor the backward program has a [B, T, V] (or [B*T, V]) array."""
+  b, t, d, v = 2, 48, 16, 53
+  hidden, head, targets, weights = _hidden_batch(b=b, t=t, d=d, v=v)
+  grad = lambda fn: jax.jit(jax.grad(lambda h, w: loss_lib.loss_from_sums(fn(h, w))[0], (0, 1)))
+
+  def plain(h, w):
+    logits = jnp.einsum("btd,dv->btv", h, w, preferred_element_type=jnp.float32)
+    return loss_lib.loss_sums(logits, targets, weights)
+
+  chunked = lambda h, w: loss_lib.chunked_loss_sums(h, w, targets, weights, chunk_size=16)
+  hlo = lambda fn: grad(fn).lower(hidden, head).as_text()        # StableHLO: tensor<2x48x53xf32>
+  assert f"{b}x{t}x{v}" in hlo(plain)                       # the check sees full logits
+  text = hlo(chunked)
+  assert f"{b}x{t}x{v}" not in text and f"{b * t}x{v}" not in text
+  assert f"{b}x16x{v}" in text                            # one chunk's logits
+
+
+def test_chunked_loss_rejects_bad_shapes():
+  hidden, head, targets, weights = _hidden_batch()
+  with pytest.raises(ValueError, match="lm_head"):
+    loss_lib.chunked_loss_sums(hidden, head.T, targets, weights)
+  with pytest.raises(ValueError, match="targets"):
+    loss_lib.chunked_loss_sums(hidden, head, targets[:, 1:], weights)
+  with pytest.raises(ValueError, match="chunk_size"):
+    loss_lib.chunked_loss_sums(hidden, head, targets, weights, chunk_size=0)

@@ -123,9 +123,12 @@ class Decoder(nn.Module):
     return constrain(x, ("activation_batch", "activation_length", "activation_embed"))
 
   def __call__(self, x: Array, positions: Array, mask: Array, cache: dict | None = None,
-               cache_index: Array | None = None, response_mask: Array | None = None
-               ) -> tuple[Array, dict]:
+               cache_index: Array | None = None, response_mask: Array | None = None,
+               compute_logits: bool = True) -> tuple[Array | None, dict]:
     """x [B, T, D] embeddings -> (logits [B, T, V_emb] float32, out).
+
+    compute_logits=False returns None for the logits (the chunked training loss applies the LM
+    head itself, `training/loss.py: chunked_loss_sums`, from out["hidden"]).
 
     positions [B, T]; mask [B, T, S] bool. out: "hidden" [B, T, D] (after final_norm), "cache"
     (stacked key/value [L, B, S, K, h] when a cache was given), "aux" (MoE auxiliary losses summed
@@ -133,10 +136,12 @@ class Decoder(nn.Module):
     """
     x, (new_cache, aux) = self.blocks(x, positions, mask, response_mask, cache, cache_index)
     hidden = constrain(self.final_norm(x), ("activation_batch", "activation_length", "activation_embed"))
+    aux = jax.tree.map(jnp.sum, aux)
+    if not compute_logits:
+      return None, {"hidden": hidden, "cache": new_cache, "aux": aux}
     logits = jnp.einsum("btd,dv->btv", hidden, self.lm_head.astype(self.dtype),
                         preferred_element_type=jnp.float32)
     logits = constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
-    aux = jax.tree.map(jnp.sum, aux)
     return logits, {"hidden": hidden, "cache": new_cache, "aux": aux}
 
 

@@ -35,12 +35,20 @@ def default_positions(input_ids: Array) -> Array:
   return jnp.maximum(jnp.cumsum(valid, axis=-1) - 1, 0)
 
 
-def text_attention_mask(input_ids: Array, subsegment_ids: Array | None = None) -> Array:
-  """Causal mask [B, T, T] over non-padding keys, with the packed-conversation rule if given."""
+def text_attention_mask(input_ids: Array, subsegment_ids: Array | None = None,
+                        segment_ids: Array | None = None) -> Array:
+  """Causal mask [B, T, T] over non-padding keys, with the packed-conversation rule if given.
+
+  segment_ids [B, T] (rows packed with several examples, data/packing.py): a token attends only
+  to tokens of its own segment (block-diagonal), so packed examples never see each other.
+  """
   b, t = input_ids.shape
   slots = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
   segments = subsegment_ids if subsegment_ids is not None else jnp.zeros((b, t), jnp.int32)
-  return causal_segment_mask(segments, segments, input_ids != -1, slots, slots)
+  mask = causal_segment_mask(segments, segments, input_ids != -1, slots, slots)
+  if segment_ids is not None:
+    mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
+  return mask
 
 
 def insert_image_features(x: Array, features: Array, image_input_idx: Array) -> Array:
@@ -90,14 +98,18 @@ class Molmo(nn.Module):
 
   def __call__(self, batch: Mapping[str, Array], *, cache: dict | None = None,
                cache_index: Array | None = None, attention_mask: Array | None = None,
-               image_features: Array | None = None) -> tuple[Array, dict[str, Any]]:
+               image_features: Array | None = None, compute_logits: bool = True
+               ) -> tuple[Array | None, dict[str, Any]]:
     """Forward pass.
 
     batch: input_ids [B, T] (-1 = padding) and optionally images, image_masks, image_input_idx,
-      position_ids, subsegment_ids, response_mask (answer tokens, for response-only dropout).
+      position_ids, subsegment_ids, segment_ids (examples packed into one row, attending only
+      within their segment), response_mask (answer tokens, for response-only dropout).
     cache / cache_index: KV cache (see decoder.init_cache) for generation; the caller then also
       passes attention_mask [B, T, S] and position_ids.
     image_features: precomputed [B, N*Q, D] (skips the vision tower).
+    compute_logits: False returns None for the logits, out["hidden"] [B, T, D] being what the
+      chunked training loss needs (the [B, T, V_emb] fp32 logits are never built).
     """
     input_ids = batch["input_ids"]
     x = self.embed_inputs(batch, image_features)
@@ -107,8 +119,10 @@ class Molmo(nn.Module):
     if attention_mask is None:
       if cache is not None:
         raise ValueError("Molmo: a KV cache needs an explicit attention_mask [B, T, S]")
-      attention_mask = text_attention_mask(input_ids, batch.get("subsegment_ids"))
-    logits, out = self.llm(x, positions, attention_mask, cache, cache_index, batch.get("response_mask"))
+      attention_mask = text_attention_mask(input_ids, batch.get("subsegment_ids"),
+                                           batch.get("segment_ids"))
+    logits, out = self.llm(x, positions, attention_mask, cache, cache_index, batch.get("response_mask"),
+                           compute_logits)
     return logits, out
 
 

@@ -124,8 +124,7 @@ def compile_train_step(config: Any, topology: str, mesh_shape: Mapping[str, int]
       OptimizerConfig.from_mapping({**dict(config.optimizer.to_dict()), "total_steps": int(config.total_steps)}),
       step_lib.abstract_params(model, spec))
   abstract, shardings = step_lib.abstract_train_state(model, optimizer, mesh, spec)
-  step_cfg = step_lib.StepConfig(micro_batches=int(config.micro_batches),
-                                 z_loss_weight=float(config.z_loss_weight))
+  step_cfg = step_lib.StepConfig.from_config(config)
   step_fn = step_lib.make_train_step(model, optimizer, mesh, shardings, spec, step_cfg)
   batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sh)
            for (k, v), sh in zip(spec.items(), step_lib.batch_shardings(mesh, spec).values())}

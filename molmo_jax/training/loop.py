@@ -350,8 +350,7 @@ def train(config: Any, workdir: str | os.PathLike, data_iterator: Any = None) ->
   mesh = sharding_lib.make_mesh(**dict(config.mesh))
   model = Molmo(model_cfg)
   spec = step_lib.batch_spec(model_cfg, data_cfg.global_batch_size, data_cfg.seq_len, max_crops)
-  step_cfg = step_lib.StepConfig(micro_batches=int(config.micro_batches),
-                                 z_loss_weight=float(config.z_loss_weight))
+  step_cfg = step_lib.StepConfig.from_config(config)
   total_steps = int(config.total_steps)
   optimizer = build_optimizer(
       OptimizerConfig.from_mapping({**config.optimizer.to_dict(), "total_steps": total_steps}),

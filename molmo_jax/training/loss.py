@@ -17,12 +17,20 @@ already global; with gradient accumulation over micro-batches it is not, so:
 
 The z-loss (`z_loss_weight · logsumexp(logits)²` per loss token) is weighted and normalised the
 same way and added to the loss.
+
+`chunked_loss_sums(hidden, lm_head, ...)` returns the same sums without ever holding the
+[B, T, V] fp32 logits: it runs the LM head and the loss over chunks of c sequence positions
+(extra legend: D width, c chunk length), [B, c, V] at a time, and its custom backward pass
+recomputes each chunk's logits instead of storing them, accumulating the LM-head gradient in
+fp32.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Mapping
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -74,6 +82,12 @@ def loss_sums(logits: jax.Array, targets: jax.Array, weights: jax.Array,
     out_of_range_count = tokens with w != 0 whose target is >= V.
   """
   _check_shapes(logits, targets, weights)
+  return _sums_from_logits(logits, targets, weights, z_loss_weight)
+
+
+def _sums_from_logits(logits: jax.Array, targets: jax.Array, weights: jax.Array,
+                      z_loss_weight: float) -> dict[str, jax.Array]:
+  """`loss_sums` without the shape checks; logits [..., V], targets/weights [...]."""
   vocab = logits.shape[-1]
   logits = logits.astype(jnp.float32)
   effective = _effective_weights(targets, weights, vocab)
@@ -84,7 +98,7 @@ def loss_sums(logits: jax.Array, targets: jax.Array, weights: jax.Array,
   log_normaliser = jax.nn.logsumexp(logits, axis=-1)                                     # [B, T]
   # A one-hot contraction rather than a gather: under a batch- or vocab-sharded mesh its backward
   # stays sharded, where the gather's scatter-add is materialised replicated by GSPMD.
-  target_logit = jnp.einsum("btv,btv->bt", logits, jax.nn.one_hot(safe_targets, vocab, dtype=logits.dtype))
+  target_logit = jnp.einsum("...v,...v->...", logits, jax.nn.one_hot(safe_targets, vocab, dtype=logits.dtype))
   ce = log_normaliser - target_logit
 
   counted = effective != 0
@@ -98,6 +112,116 @@ def loss_sums(logits: jax.Array, targets: jax.Array, weights: jax.Array,
       "correct_count": jnp.sum((counted & (predicted == safe_targets)).astype(jnp.float32)),
       "out_of_range_count": jnp.sum(out_of_range.astype(jnp.float32)),
   }
+
+
+# ------------------------------------------------------------------------------------------
+# Chunked: LM head + loss over chunks of sequence positions
+# ------------------------------------------------------------------------------------------
+
+_LOGITS_AXES = ("activation_batch", "activation_length", "activation_vocab")
+_HEAD_AXES = ("embed", "vocab")
+
+
+def _chunk_logits(hidden: jax.Array, head: jax.Array) -> jax.Array:
+  """hidden [B, c, D] (compute dtype) x head [D, V] -> fp32 logits [B, c, V], as the decoder."""
+  logits = jnp.einsum("bcd,dv->bcv", hidden, head, preferred_element_type=jnp.float32)
+  return nn.with_logical_constraint(logits, _LOGITS_AXES)
+
+
+def _split_chunks(x: jax.Array, chunk: int, fill) -> jax.Array:
+  """[B, T, ...] -> [T'/c, B, c, ...], T padded up to T' (a multiple of c) with `fill`."""
+  b, t = x.shape[:2]
+  pad = -t % chunk
+  if pad:
+    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
+  x = x.reshape((b, (t + pad) // chunk, chunk) + x.shape[2:])
+  return jnp.moveaxis(x, 1, 0)
+
+
+def _zeros_like_sums() -> dict[str, jax.Array]:
+  return {k: jnp.zeros((), jnp.float32) for k in SUM_KEYS}
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _chunked_sums(hidden: jax.Array, head: jax.Array, targets: jax.Array, weights: jax.Array,
+                  z_loss_weight: float) -> dict[str, jax.Array]:
+  """hidden [n, B, c, D], targets/weights [n, B, c], head [D, V] -> the `loss_sums` dict."""
+  def body(acc, xs):
+    h, t, w = xs
+    sums = _sums_from_logits(_chunk_logits(h, head), t, w, z_loss_weight)
+    return jax.tree.map(jnp.add, acc, sums), None
+
+  return jax.lax.scan(body, _zeros_like_sums(), (hidden, targets, weights))[0]
+
+
+def _chunked_sums_fwd(hidden, head, targets, weights, z_loss_weight):
+  # Residuals are the inputs only (alive anyway); no logits are kept.
+  return _chunked_sums(hidden, head, targets, weights, z_loss_weight), (hidden, head, targets, weights)
+
+
+def _chunked_sums_bwd(z_loss_weight, residuals, cotangents):
+  """d(ce_sum)/dlogits = w (softmax - onehot); d(z_sum)/dlogits = z_loss_weight w 2 lse softmax.
+  The other sums are counts (no gradient)."""
+  hidden, head, targets, weights = residuals
+  g_ce, g_z = cotangents["ce_sum"], cotangents["z_sum"]
+  vocab = head.shape[-1]
+
+  def body(head_grad, xs):
+    h, t, w = xs
+    logits = _chunk_logits(h, head)
+    effective = _effective_weights(t, w, vocab)
+    safe_targets = jnp.where(effective != 0, t, 0)
+    lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
+    probs = jnp.exp(logits - lse)
+    onehot = jax.nn.one_hot(safe_targets, vocab, dtype=jnp.float32)
+    scale = (g_ce + g_z * z_loss_weight * 2.0 * lse) * effective[..., None]
+    dlogits = scale * probs - (g_ce * effective)[..., None] * onehot
+    dlogits = nn.with_logical_constraint(dlogits, _LOGITS_AXES).astype(h.dtype)
+    dh = jnp.einsum("bcv,dv->bcd", dlogits, head, preferred_element_type=jnp.float32)
+    head_grad = head_grad + jnp.einsum("bcd,bcv->dv", h, dlogits, preferred_element_type=jnp.float32)
+    head_grad = nn.with_logical_constraint(head_grad, _HEAD_AXES)
+    return head_grad, dh.astype(h.dtype)
+
+  init = nn.with_logical_constraint(jnp.zeros(head.shape, jnp.float32), _HEAD_AXES)
+  head_grad, hidden_grad = jax.lax.scan(body, init, (hidden, targets, weights))
+  return hidden_grad, head_grad.astype(head.dtype), None, None
+
+
+_chunked_sums.defvjp(_chunked_sums_fwd, _chunked_sums_bwd)
+
+
+def chunked_loss_sums(hidden: jax.Array, lm_head: jax.Array, targets: jax.Array,
+                      weights: jax.Array, z_loss_weight: float = 0.0,
+                      chunk_size: int = 512) -> dict[str, jax.Array]:
+  """`loss_sums(hidden @ lm_head, ...)` without materialising the [B, T, V] logits.
+
+  Args:
+    hidden: [B, T, D] final hidden states (after the final norm) in the compute dtype.
+    lm_head: [D, V] LM-head kernel, already cast to the compute dtype (as the decoder does);
+      logits are the product accumulated in fp32, exactly as `Decoder.__call__` computes them.
+    targets, weights, z_loss_weight: as in `loss_sums`.
+    chunk_size: sequence positions per chunk c; only [B, c, V] fp32 logits exist at a time, in the
+      forward and in the backward pass (which recomputes them). T need not divide by c (the
+      last chunk is padded with ignored positions).
+
+  Returns the `loss_sums` dict; gradients flow to `hidden` and `lm_head`.
+  """
+  if hidden.ndim != 3 or lm_head.ndim != 2 or lm_head.shape[0] != hidden.shape[-1]:
+    raise ValueError(f"chunked_loss_sums: expected hidden [B, T, D] and lm_head [D, V], got "
+                     f"{hidden.shape} and {lm_head.shape}")
+  if targets.shape != hidden.shape[:2]:
+    raise ValueError(f"targets: expected shape {hidden.shape[:2]} (the [B, T] of hidden), "
+                     f"got {targets.shape}")
+  if weights.shape != targets.shape:
+    raise ValueError(f"weights: expected the shape of targets {targets.shape}, got {weights.shape}")
+  if not jnp.issubdtype(targets.dtype, jnp.integer):
+    raise ValueError(f"targets: expected an integer dtype, got {targets.dtype}")
+  if chunk_size < 1:
+    raise ValueError(f"chunk_size: expected >= 1, got {chunk_size}")
+  chunk = min(chunk_size, hidden.shape[1])
+  return _chunked_sums(_split_chunks(hidden, chunk, 0), lm_head.astype(hidden.dtype),
+                       _split_chunks(targets, chunk, -1), _split_chunks(weights, chunk, 0),
+                       float(z_loss_weight))
 
 
 def _safe_divide(numerator: jax.Array, denominator: jax.Array) -> jax.Array:

@@ -5,6 +5,7 @@ N crop slots (max_crops + 1), P patches per crop, C patch values, Q pooled cells
 
 Batch (global arrays, batch axis sharded over the mesh's data-parallel axes):
   input_ids, target_ids, subsegment_ids, position_ids [B, T] int32; loss_weights [B, T] float32
+  segment_ids [B, T] int32 only in packed batches (several examples per row, data/packing.py)
   images [B, N, P, C] float32; image_masks [B, N, P] float32; image_input_idx [B, N, Q] int32
   (image keys may be absent for text-only training)
 
@@ -38,7 +39,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from molmo_jax import sharding as sharding_lib
 from molmo_jax.config import MolmoConfig
 from molmo_jax.models.molmo import Molmo
-from molmo_jax.training.loss import SUM_KEYS, loss_from_sums, loss_sums, loss_weight_sum
+from molmo_jax.training.loss import (SUM_KEYS, chunked_loss_sums, loss_from_sums, loss_sums,
+                                     loss_weight_sum)
 from molmo_jax.training.optimizer import (FROZEN, MolmoOptimizer, component_grad_norms, path_name)
 
 TEXT_KEYS = ("input_ids", "target_ids", "loss_weights", "subsegment_ids", "position_ids")
@@ -62,12 +64,25 @@ class StepConfig:
 
   micro_batches: int = 1
   z_loss_weight: float = 0.0
+  # > 0: the LM head and the loss run over chunks of this many sequence positions and the
+  # [B, T, V] fp32 logits are never materialised (loss.chunked_loss_sums); 0: whole logits.
+  loss_chunk_size: int = 0
 
   def __post_init__(self):
     if self.micro_batches < 1:
       raise ValueError(f"micro_batches: expected >= 1, got {self.micro_batches}")
     if self.z_loss_weight < 0:
       raise ValueError(f"z_loss_weight: expected >= 0, got {self.z_loss_weight}")
+    if self.loss_chunk_size < 0:
+      raise ValueError(f"loss_chunk_size: expected >= 0 (0 = no chunking), got {self.loss_chunk_size}")
+
+  @classmethod
+  def from_config(cls, config: Any) -> "StepConfig":
+    """From a training config (configs/base_train.py): micro_batches, z_loss_weight,
+    loss_chunk_size (absent = 0)."""
+    get = lambda key, default: config.get(key, default) if hasattr(config, "get") else getattr(config, key, default)
+    return cls(micro_batches=int(get("micro_batches", 1)), z_loss_weight=float(get("z_loss_weight", 0.0)),
+               loss_chunk_size=int(get("loss_chunk_size", 0)))
 
 
 # ------------------------------------------------------------------------------------------
@@ -75,14 +90,17 @@ class StepConfig:
 # ------------------------------------------------------------------------------------------
 
 def batch_spec(model_cfg: MolmoConfig, batch_size: int, seq_len: int, max_crops: int | None = None,
-               with_images: bool = True) -> dict[str, jax.ShapeDtypeStruct]:
-  """Global shapes of a training batch (see the module legend)."""
+               with_images: bool = True, packed: bool = False) -> dict[str, jax.ShapeDtypeStruct]:
+  """Global shapes of a training batch (see the module legend); `packed` adds segment_ids [B, T]
+  (rows holding several examples, data/packing.py)."""
   if batch_size < 1 or seq_len < 1:
     raise ValueError(f"batch_spec: batch_size and seq_len must be >= 1, got {batch_size}, {seq_len}")
   pre = model_cfg.preprocess
   n = (pre.max_crops if max_crops is None else max_crops) + 1
   spec = {k: jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32) for k in TEXT_KEYS}
   spec["loss_weights"] = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.float32)
+  if packed:
+    spec["segment_ids"] = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32)
   if with_images:
     vis = model_cfg.vision
     spec["images"] = jax.ShapeDtypeStruct((batch_size, n, vis.num_patches, vis.patch_dim), jnp.float32)
@@ -233,8 +251,8 @@ def init_train_state(model: Molmo, optimizer: MolmoOptimizer, mesh: Mesh,
 
 def model_inputs(batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
   """The model's view of a training batch; answer tokens drive response-only dropout."""
-  inputs = {k: batch[k] for k in ("input_ids", "position_ids", "subsegment_ids", *IMAGE_KEYS)
-            if k in batch}
+  inputs = {k: batch[k] for k in ("input_ids", "position_ids", "subsegment_ids", "segment_ids",
+                                  *IMAGE_KEYS) if k in batch}
   inputs["response_mask"] = batch["loss_weights"] > 0
   return inputs
 
@@ -263,12 +281,21 @@ def make_loss_fn(model: Molmo, labels: Any, step_cfg: StepConfig) -> Callable:
   llm = model.config.llm
   vocab = llm.embedding_size
 
+  compute_dtype = jnp.dtype(model.config.dtype)
+
   def loss_fn(params, batch, rng, normaliser):
-    logits, out = model.apply({"params": _stop_frozen(params, labels)}, model_inputs(batch),
-                              rngs={"dropout": rng})
-    sums = loss_sums(logits, batch["target_ids"], batch["loss_weights"], step_cfg.z_loss_weight)
-    if logits.shape[-1] != vocab:
-      raise ValueError(f"model logits have {logits.shape[-1]} classes, expected {vocab}")
+    params = _stop_frozen(params, labels)
+    chunked = step_cfg.loss_chunk_size > 0
+    logits, out = model.apply({"params": params}, model_inputs(batch), rngs={"dropout": rng},
+                              compute_logits=not chunked)
+    if chunked:
+      head = params["llm"]["lm_head"].astype(compute_dtype)
+      sums = chunked_loss_sums(out["hidden"], head, batch["target_ids"], batch["loss_weights"],
+                               step_cfg.z_loss_weight, step_cfg.loss_chunk_size)
+    else:
+      if logits.shape[-1] != vocab:
+        raise ValueError(f"model logits have {logits.shape[-1]} classes, expected {vocab}")
+      sums = loss_sums(logits, batch["target_ids"], batch["loss_weights"], step_cfg.z_loss_weight)
     denominator = jnp.where(normaliser > 0, normaliser, 1.0)
     aux = out["aux"]
     aux_loss = (llm.moe_load_balance_weight * aux["moe_load_balance"]
