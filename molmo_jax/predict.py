@@ -40,6 +40,10 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--max-crops", type=int, default=None)
   p.add_argument("--batch-size", type=int, default=8)
   p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+  p.add_argument("--resize-method", choices=["tensorflow", "torchvision"], default=None,
+                 help="image resize: tensorflow (what converted release checkpoints use, as the HF "
+                      "processor) or torchvision (the native repo's default); default: the "
+                      "checkpoint's config (see docs/fidelity.md)")
   p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
   p.add_argument("--json", action="store_true", help="print JSON lines")
   p.add_argument("--draw", default=None, help="PNG path for the image(s) with predicted points")
@@ -84,28 +88,28 @@ def main(argv=None) -> int:
     draw_targets = draw_paths(args.draw, len(args.image))
     for path in draw_targets:      # before the model is loaded, not after generating
       errors.writable_output(path, "--draw")
-  # Decode every image up front: a corrupt file is reported before the model is loaded.
-  pixels = [image_io.load_image(path, name=path) for path in args.image]
+  for path in args.image:   # a corrupt file is reported before the model is loaded
+    image_io.load_image(path, name=path)
 
   from molmo_jax.predictor import Predictor
-  from molmo_jax.preprocess import points as points_lib
+  from molmo_jax.preprocess import inputs, points as points_lib
 
-  predictor = Predictor.from_checkpoint(args.checkpoint, dtype=args.dtype, max_crops=args.max_crops)
-  images = pixels or [None] * len(args.prompt)
+  predictor = Predictor.from_checkpoint(args.checkpoint, dtype=args.dtype, max_crops=args.max_crops,
+                                        resize_method=args.resize_method)
+  images = args.image or [None] * len(args.prompt)
   sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             top_k=args.top_k, top_p=args.top_p)
   preds = list(predictor.predict_many(images, args.prompt, batch_size=args.batch_size,
                                       progress=len(args.prompt) > args.batch_size, sampling=sampling,
                                       style=args.style, stop_strings=args.stop, seed=args.seed,
                                       shorten_to_fit=args.shorten_to_fit))
-  names = args.image or [None] * len(args.prompt)
-  for name, prompt, pred in zip(names, args.prompt, preds):
+  for img, prompt, pred in zip(images, args.prompt, preds):
     if args.json:
-      print(json.dumps({"image": name, "prompt": prompt, **pred.to_json()}))
+      print(json.dumps({"image": img, "prompt": prompt, **pred.to_json()}))
     else:
-      print(pred.text if len(preds) == 1 else f"[{name}] {prompt}\n{pred.text}\n")
-  for array, pred, path in zip(pixels, preds, draw_targets):
-    points_lib.draw_points(array, pred.points, out_path=path)
+      print(pred.text if len(preds) == 1 else f"[{img}] {prompt}\n{pred.text}\n")
+  for img, pred, path in zip(args.image, preds, draw_targets):
+    points_lib.draw_points(inputs.load_pixels(img, predictor.config), pred.points, out_path=path)
     print(f"wrote {path}", file=sys.stderr)
   return 0
 
