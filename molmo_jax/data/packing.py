@@ -149,6 +149,15 @@ class FirstFitPacker:
     self._bins.append(new)
     return out
 
+  def restore(self, rows: Sequence[Sequence[tuple[Mapping[str, np.ndarray], Any]]]) -> None:
+    """Sets the open rows to `rows` (each a list of (example, tag)), e.g. after a resume."""
+    self._bins = []
+    for row in rows:
+      examples = [ex for ex, _ in row]
+      self._bins.append({"examples": examples, "tags": [tag for _, tag in row],
+                         "tokens": sum(example_size(ex)[0] for ex in examples),
+                         "crops": sum(example_size(ex)[1] for ex in examples)})
+
   def open_tags(self) -> list[list[Any]]:
     return [list(b["tags"]) for b in self._bins]
 

@@ -52,6 +52,7 @@ from molmo_jax.preprocess.tokens import MolmoTokenizer
 _log = logging.getLogger(__name__)
 _STATE_VERSION = 1
 _POSITION = "_stream_index"            # internal per-row key, removed before batches are returned
+_ALONE = "_alone"                      # internal: the example's source does not pack
 _MIX_SALT, _SHUFFLE_SALT, _EXAMPLE_SALT = 0x6D6978, 0x736866, 0x657861
 
 
@@ -76,6 +77,12 @@ class DataConfig:
     root_subsegment_weighting: scale loss weights by sqrt(1/n) for n packed conversations.
     num_workers: pre-processing processes (grain mp_prefetch); 0 runs it in-process.
     prefetch: examples each worker prepares ahead.
+    pack_examples: pack several examples (each with its images) into one row (data/packing.py):
+      rows gain segment_ids [B, S] and attention stays within an example. A source with
+      `pack=False` keeps a row per example.
+    pack_bins: rows kept open by the first-fit packer.
+    pack_crop_slots: crop slots of a packed row (images [B, pack_crop_slots, P, C]); None keeps
+      max_crops + 1, so only examples whose crops fit together share a row.
   """
 
   sources: tuple[SourceConfig, ...]
@@ -91,6 +98,9 @@ class DataConfig:
   root_subsegment_weighting: bool = True
   num_workers: int = 0
   prefetch: int = 2
+  pack_examples: bool = False
+  pack_bins: int = 8
+  pack_crop_slots: int | None = None
 
   def __post_init__(self):
     if not self.sources:
@@ -109,6 +119,10 @@ class DataConfig:
         raise ValueError(f"DataConfig.{field} must be >= 0, got {getattr(self, field)}")
     if self.max_crops is not None and self.max_crops < 1:
       raise ValueError(f"DataConfig.max_crops must be >= 1 or None, got {self.max_crops}")
+    if self.pack_bins < 1:
+      raise ValueError(f"DataConfig.pack_bins must be >= 1, got {self.pack_bins}")
+    if self.pack_crop_slots is not None and self.pack_crop_slots < 1:
+      raise ValueError(f"DataConfig.pack_crop_slots must be >= 1 or None, got {self.pack_crop_slots}")
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> "DataConfig":
@@ -355,7 +369,9 @@ class _TrainExampleFn:
       e.add_note(f"while pre-processing {where}")
       raise
     row = fit_example(ex, self.spec, where)
-    return {_POSITION: np.int64(position), "dropped": np.bool_(row is None), **(row or {})}
+    out = {_POSITION: np.int64(position), "dropped": np.bool_(row is None), **(row or {})}
+    out[_ALONE] = np.bool_(cfg.pack is False)
+    return out
 
 
 def _kept(element: Mapping[str, Any]) -> bool:
@@ -363,7 +379,7 @@ def _kept(element: Mapping[str, Any]) -> bool:
 
 
 def _batch_rows(rows: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
-  return _stack([{k: v for k, v in r.items() if k != "dropped"} for r in rows])
+  return _stack([{k: v for k, v in r.items() if k not in ("dropped", _ALONE)} for r in rows])
 
 
 def _check_tokenizer(tok: MolmoTokenizer, model_cfg: MolmoConfig) -> None:
@@ -407,13 +423,62 @@ class TrainIterator:
   """
 
   def __init__(self, example_fn: _TrainExampleFn, local_batch: int, process_index: int,
-               process_count: int, num_workers: int, prefetch: int, fingerprint: str):
+               process_count: int, num_workers: int, prefetch: int, fingerprint: str,
+               packing: Mapping[str, int] | None = None):
     self._example_fn, self.local_batch = example_fn, local_batch
     self.process_index, self.process_count = process_index, process_count
     self._num_workers, self._prefetch, self._fingerprint = num_workers, prefetch, fingerprint
     self._next_index = 0
     self._iterator = None
     self.last_positions = np.zeros(0, np.int64)   # global stream positions of the last batch
+    # Packing (DataConfig.pack_examples): {"seq_len", "crop_slots", "bins"}; rows closed by the
+    # packer wait in _pending until a batch takes them.
+    self._packing = dict(packing) if packing else None
+    self._packer = None
+    self._pending: list[tuple[dict[str, np.ndarray], list[int]]] = []
+    self._tokens = self._slots = self._examples = self._rows = 0
+
+  @property
+  def non_padding_fraction(self) -> float:
+    """Tokens that are not padding / token slots, over every batch returned so far."""
+    return self._tokens / self._slots if self._slots else 0.0
+
+  @property
+  def examples_per_row(self) -> float:
+    return self._examples / self._rows if self._rows else 0.0
+
+  def _new_packer(self):
+    from molmo_jax.data.packing import FirstFitPacker
+    spec = self._example_fn.spec
+    crop_shapes = {"images": (spec.pre.crop_patches ** 2, spec.pre.patch_size ** 2 * 3),
+                   "image_masks": (spec.pre.crop_patches ** 2,),
+                   "image_input_idx": (spec.pre.pooled_per_crop,)}
+    return FirstFitPacker(self._packing["seq_len"], self._packing["crop_slots"],
+                          self._packing["bins"], crop_shapes)
+
+  def _unpadded(self, position: int, element: Mapping[str, Any] | None = None):
+    """The example at a stream position as the packer takes it: (arrays, alone) or None."""
+    from molmo_jax.data.packing import strip_padding
+    element = self._example_fn(position) if element is None else element
+    if bool(element["dropped"]):
+      return None
+    row = {k: v for k, v in element.items() if k not in ("dropped", _ALONE, _POSITION)}
+    return strip_padding(row), bool(element[_ALONE])
+
+  def _next_packed(self) -> dict[str, np.ndarray]:
+    if self._packer is None:
+      self._packer = self._new_packer()
+    while len(self._pending) < self.local_batch:
+      element = next(self._iterator)
+      position = int(element[_POSITION])
+      example, alone = self._unpadded(position, element)
+      self._pending += self._packer.add(example, position, alone=alone)
+      self._next_index = (position - self.process_index) // self.process_count + 1
+    rows, self._pending = self._pending[:self.local_batch], self._pending[self.local_batch:]
+    batch = _stack([r for r, _ in rows])
+    self.last_positions = np.asarray([p for _, tags in rows for p in tags], np.int64)
+    self._examples += len(self.last_positions)
+    return batch
 
   @property
   def plan(self) -> MixturePlan:
@@ -424,7 +489,9 @@ class TrainIterator:
     ds = grain.MapDataset.range(start, sys.maxsize, self.process_count).map(self._example_fn)
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
     ds = _with_workers(ds, self._num_workers, self._prefetch)
-    ds = ds.filter(_kept).batch(self.local_batch, drop_remainder=True, batch_fn=_batch_rows)
+    ds = ds.filter(_kept)
+    if self._packing is None:
+      ds = ds.batch(self.local_batch, drop_remainder=True, batch_fn=_batch_rows)
     return iter(ds)
 
   def __iter__(self):
@@ -433,15 +500,31 @@ class TrainIterator:
   def __next__(self) -> dict[str, np.ndarray]:
     if self._iterator is None:
       self._iterator = self._build()
-    batch = next(self._iterator)
-    positions = self.last_positions = batch.pop(_POSITION)
-    self._next_index = (int(positions[-1]) - self.process_index) // self.process_count + 1
+    if self._packing is not None:
+      batch = self._next_packed()
+    else:
+      batch = next(self._iterator)
+      positions = self.last_positions = batch.pop(_POSITION)
+      self._next_index = (int(positions[-1]) - self.process_index) // self.process_count + 1
+      self._examples += len(positions)
+    ids = batch["input_ids"]
+    self._tokens += int(np.sum(ids != -1))
+    self._slots += ids.size
+    self._rows += ids.shape[0]
+    if self._rows // ids.shape[0] % 100 == 1:
+      _log.info("data: %.1f %% of token slots are not padding, %.2f examples per row",
+                100 * self.non_padding_fraction, self.examples_per_row)
     return batch
 
   def get_state(self) -> dict[str, Any]:
-    return {"version": _STATE_VERSION, "next_index": self._next_index,
-            "process_index": self.process_index, "process_count": self.process_count,
-            "fingerprint": self._fingerprint}
+    state = {"version": _STATE_VERSION, "next_index": self._next_index,
+             "process_index": self.process_index, "process_count": self.process_count,
+             "fingerprint": self._fingerprint}
+    if self._packing is not None:
+      # Examples read but not yet in a returned batch: closed rows waiting, then open rows.
+      state["packed_rows"] = [list(map(int, tags)) for _, tags in self._pending]
+      state["open_rows"] = self._packer.open_tags() if self._packer is not None else []
+    return state
 
   def set_state(self, state: Mapping[str, Any]) -> None:
     expected = self.get_state()
@@ -455,6 +538,21 @@ class TrainIterator:
       raise ValueError(f"data iterator state: next_index must be an int >= 0, got {next_index!r}")
     self.close()
     self._next_index = next_index
+    if self._packing is not None:
+      self._restore_packing(state.get("packed_rows", []), state.get("open_rows", []))
+
+  def _restore_packing(self, packed_rows: Sequence[Sequence[int]],
+                       open_rows: Sequence[Sequence[int]]) -> None:
+    """Rebuilds the rows that were waiting from their stream positions (examples are a pure
+    function of the position)."""
+    from molmo_jax.data.packing import pack_row
+    self._packer = self._new_packer()
+    self._pending = []
+    for tags in packed_rows:
+      examples = [self._unpadded(int(p))[0] for p in tags]
+      row = pack_row(examples, self._packer.seq_len, self._packer.crop_slots, self._packer.crop_shapes)
+      self._pending.append((row, [int(p) for p in tags]))
+    self._packer.restore([[(self._unpadded(int(p))[0], int(p)) for p in tags] for tags in open_rows])
 
   def close(self) -> None:
     if self._iterator is not None and hasattr(self._iterator, "close"):
@@ -467,6 +565,8 @@ def _fingerprint(data_cfg: DataConfig, sizes: Sequence[int], rates: np.ndarray,
   stream = {"sources": [[s.name, n] for s, n in zip(data_cfg.sources, sizes)],
             "rates": [round(float(r), 12) for r in rates], "seed": data_cfg.seed,
             "shuffle": data_cfg.shuffle, "process_count": process_count}
+  if data_cfg.pack_examples:    # a packed stream resumes only as a packed stream of this layout
+    stream["packing"] = [data_cfg.seq_len, data_cfg.pack_bins, data_cfg.pack_crop_slots]
   return hashlib.sha256(json.dumps(stream, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -483,9 +583,13 @@ def make_train_iterator(data_cfg: DataConfig, model_cfg: MolmoConfig, tokenizer:
   example_fn = _TrainExampleFn(sources, data_cfg.sources, plan, tokenizer, spec, data_cfg.seed)
   _log.info("data mixture: %s",
             {s.name: round(float(r), 4) for s, r in zip(data_cfg.sources, rates)})
+  packing = None
+  if data_cfg.pack_examples:
+    packing = {"seq_len": data_cfg.seq_len, "bins": data_cfg.pack_bins,
+               "crop_slots": data_cfg.pack_crop_slots or spec.max_crops + 1}
   return TrainIterator(example_fn, local_batch, process_index, process_count,
                        data_cfg.num_workers, data_cfg.prefetch,
-                       _fingerprint(data_cfg, sizes, rates, process_count))
+                       _fingerprint(data_cfg, sizes, rates, process_count), packing)
 
 
 # --------------------------------------------------------------------------------------------

@@ -445,6 +445,8 @@ class SourceConfig:
     message_format: "role" (User:/Assistant:) or "none" (captioning stage, spec §7.1).
     options: kind-specific: jsonl {image_root, check_images}; hf (see `HFSource`); synthetic
       {num_examples, seed, split, task, config (SyntheticConfig fields)}.
+    pack: with DataConfig.pack_examples on, whether this source's examples share rows with
+      others (None = yes); False gives each of its examples a row of its own.
   """
 
   name: str
@@ -456,6 +458,7 @@ class SourceConfig:
   style: str | None = None
   message_format: str = "role"
   options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  pack: bool | None = None
 
   def __post_init__(self):
     where = f"source {self.name!r}"

@@ -119,7 +119,7 @@ def compile_train_step(config: Any, topology: str, mesh_shape: Mapping[str, int]
   data_cfg = data_config(config.data)
   max_crops = data_cfg.max_crops or model_cfg.preprocess.max_crops
   model = Molmo(model_cfg)
-  spec = step_lib.batch_spec(model_cfg, data_cfg.global_batch_size, data_cfg.seq_len, max_crops)
+  spec = step_lib.data_batch_spec(model_cfg, data_cfg)
   optimizer = build_optimizer(
       OptimizerConfig.from_mapping({**dict(config.optimizer.to_dict()), "total_steps": int(config.total_steps)}),
       step_lib.abstract_params(model, spec))

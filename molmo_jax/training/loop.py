@@ -372,7 +372,7 @@ def _train(config: Any, workdir: str | os.PathLike, data_iterator: Any, stop: St
 
   mesh = sharding_lib.make_mesh(**dict(config.mesh))
   model = Molmo(model_cfg)
-  spec = step_lib.batch_spec(model_cfg, data_cfg.global_batch_size, data_cfg.seq_len, max_crops)
+  spec = step_lib.data_batch_spec(model_cfg, data_cfg)
   step_cfg = step_lib.StepConfig.from_config(config)
   total_steps = int(config.total_steps)
   optimizer = build_optimizer(

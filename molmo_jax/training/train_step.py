@@ -109,6 +109,17 @@ def batch_spec(model_cfg: MolmoConfig, batch_size: int, seq_len: int, max_crops:
   return spec
 
 
+def data_batch_spec(model_cfg: MolmoConfig, data_cfg: Any) -> dict[str, jax.ShapeDtypeStruct]:
+  """The batch shapes a training pipeline with `data_cfg` (data.pipeline.DataConfig) produces:
+  packed rows (pack_examples) add segment_ids and have pack_crop_slots crop slots."""
+  max_crops = data_cfg.max_crops or model_cfg.preprocess.max_crops
+  packed = bool(getattr(data_cfg, "pack_examples", False))
+  if packed and getattr(data_cfg, "pack_crop_slots", None):
+    max_crops = data_cfg.pack_crop_slots - 1
+  return batch_spec(model_cfg, data_cfg.global_batch_size, data_cfg.seq_len, max_crops,
+                    packed=packed)
+
+
 def spec_of(batch: Mapping[str, Any]) -> dict[str, jax.ShapeDtypeStruct]:
   """ShapeDtypeStructs of a concrete (global) batch."""
   return {k: jax.ShapeDtypeStruct(np.shape(v), v.dtype if hasattr(v, "dtype") else np.asarray(v).dtype)
