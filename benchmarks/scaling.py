@@ -34,16 +34,21 @@ HBM_LIMIT = 0.90
 
 
 def mesh_for(model: str, chips: int) -> dict[str, int]:
-  if model == "molmoe-1b" and chips >= 8:
+  """FSDP over the whole slice; MolmoE puts 4 of it on the expert axis (expert parallel MoE,
+  and FSDP over fsdp x expert for every weight without an expert dimension)."""
+  if model == "molmoe-1b" and chips >= 4:
     return {"data": 1, "fsdp": chips // 4, "tensor": 1, "expert": 4}
   return {"data": 1, "fsdp": chips, "tensor": 1, "expert": 1}
 
 
-def compile_one(model: str, stage: str, topology: str, micro_batches: int = 1) -> dict:
+def compile_one(model: str, stage: str, topology: str, micro_batches: int = 1,
+                remat: str | None = None) -> dict:
   import train as train_cli
   from molmo_jax.training import aot
   config = train_cli.load_config_file(f"{ROOT / STAGES[stage]}:model={model}")
   config.micro_batches = micro_batches
+  if remat:
+    config.model.remat_policy = remat
   _, chips = aot.parse_topology(topology)
   mesh = mesh_for(model, chips)
   report = aot.compile_train_step(config, topology, mesh)
@@ -51,7 +56,7 @@ def compile_one(model: str, stage: str, topology: str, micro_batches: int = 1) -
   out.pop("param_sharding")
   out.update(model=model, stage=stage, remat_policy=str(config.model.remat_policy),
              global_batch=int(config.data.global_batch_size), seq_len=int(config.data.seq_len),
-             micro_batches=micro_batches,
+             micro_batches=micro_batches, loss_chunk_size=int(config.get("loss_chunk_size", 0)),
              fits_90=bool(report.error is None and report.hbm_fraction <= HBM_LIMIT))
   return out
 
@@ -62,55 +67,89 @@ def main():
   p.add_argument("--stages", default="finetune,pretrain")
   p.add_argument("--generations", default="v5p,v6e")
   p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "scaling.json"))
-  p.add_argument("--plan", default="", help="explicit entries model@stage@topology[@micro_batches],"
-                 " comma-separated, instead of the search (e.g. molmo-72b@finetune@v5p:8x8x4)")
+  p.add_argument("--plan", default="", help="explicit entries model@stage@topology[@micro_batches"
+                 "[@remat_policy]], comma-separated, instead of the search (e.g. "
+                 "molmo-72b@finetune@v5p:8x8x4 or molmo-7b-d@finetune@v5p:2x2x2@2@minimal: a "
+                 "remat sweep is one entry per policy)")
   p.add_argument("--table", action="store_true", help="only print the tables (every point, smallest slices) of the JSON file")
   args = p.parse_args()
   out = Path(args.out)
   results = json.loads(out.read_text()) if out.exists() else []
-  done = {(r["model"], r["stage"], r["topology"], r.get("micro_batches", 1)): r for r in results}
+  done = {_key(r): r for r in results}
   if args.table:
     print(table(results))
     print()
     print(smallest(results))
+    print()
+    print(efficiency(results))
     return
 
-  def ensure(key: tuple[str, str, str, int]) -> dict:
+  def ensure(key: tuple[str, str, str, int, str]) -> dict:
     """The result for `key`, compiled now (and the JSON rewritten) unless already there."""
     if key not in done:
       print(f"compiling {key} ...", flush=True)
-      done[key] = compile_one(*key)
+      done[key] = compile_one(*key[:4], remat=key[4])
       out.parent.mkdir(parents=True, exist_ok=True)
       out.write_text(json.dumps(list(done.values()), indent=2))
     return done[key]
 
   if args.plan:
     for entry in args.plan.split(","):
-      model, stage, topology, *micro = entry.split("@")
-      ensure((model, stage, topology, int(micro[0]) if micro else 1))
+      model, stage, topology, *rest = entry.split("@")
+      micro = int(rest[0]) if rest else 1
+      ensure((model, stage, topology, micro, rest[1] if len(rest) > 1 else "full"))
   else:
     for model in args.models.split(","):
       for stage in args.stages.split(","):
         for gen in args.generations.split(","):
           for topology in SLICES[gen]:
-            if ensure((model, stage, topology, 1))["fits_90"]:
+            if ensure((model, stage, topology, 1, "full"))["fits_90"]:
               break
   print(table(list(done.values())))
 
 
+def _key(r: dict) -> tuple[str, str, str, int, str]:
+  return (r["model"], r["stage"], r["topology"], r.get("micro_batches", 1), r.get("remat_policy", "full"))
+
+
 def table(results: list[dict]) -> str:
   gib = 1024 ** 3
-  rows = ["| model | stage | slice | chips | mesh | remat | batch x seq | micro-batches | per-chip HBM | of HBM | fits (<= 90 %) | compile s |",
-          "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+  rows = ["| model | stage | slice | chips | mesh | remat | CE chunk | batch x seq | micro-batches | per-chip HBM | of HBM | fits (<= 90 %) | compile s |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in sorted(results, key=lambda r: (r["model"], r["stage"], r["topology"].split(":")[0],
                                           r["chips"], r.get("micro_batches", 1))):
     mesh = ",".join(f"{k}={v}" for k, v in r["mesh"].items() if v > 1) or "1"
     mem = f"{r['total_bytes'] / gib:.1f} GiB" if not r["error"] else "OOM at compile"
     frac = f"{100 * r['hbm_fraction']:.1f} %" if not r["error"] else "-"
     rows.append(f"| {r['model']} | {r['stage']} | {r['topology']} | {r['chips']} | {mesh} | {r['remat_policy']} | "
+                f"{r.get('loss_chunk_size', 0) or '-'} | "
                 f"{r['global_batch']} x {r['seq_len']} | {r.get('micro_batches', 1)} | {mem} | {frac} | "
                 f"{'yes' if r['fits_90'] else 'no'} | "
                 f"{r['compile_seconds']:.0f} |")
+  return "\n".join(rows)
+
+
+def efficiency(results: list[dict]) -> str:
+  """Compiled total against the analytic floor, and collective bytes per step against the FSDP
+  minimum, for the points compiled with the planner's efficiency report."""
+  gib = lambda b: f"{b / 1024 ** 3:.1f}" if b is not None else "-"
+  rows = ["| model | stage | slice | mesh | micro | remat | compiled total GiB | floor GiB (state + kept activations) | "
+          "all-gather GiB (FSDP min) | reduce-scatter GiB (FSDP min) | all-reduce GiB | all-to-all GiB |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+  for r in sorted(results, key=lambda r: (r["model"], r["stage"], r["chips"], r["topology"])):
+    floor, coll, minimum = r.get("floor_bytes"), r.get("collective_bytes"), r.get("fsdp_min_collective_bytes")
+    if not floor:
+      continue
+    mesh = ",".join(f"{k}={v}" for k, v in r["mesh"].items() if v > 1) or "1"
+    total = gib(r["total_bytes"]) if not r["error"] else "OOM"
+    kept = floor.get("activations")
+    floor_text = f"{gib(floor.get('total'))} ({gib(floor['state'])} + {gib(kept)})"
+    coll = coll or {}
+    rows.append(f"| {r['model']} | {r['stage']} | {r['topology']} | {mesh} | {r.get('micro_batches', 1)} | "
+                f"{r.get('remat_policy', 'full')} | {total} | {floor_text} | "
+                f"{gib(coll.get('all-gather'))} ({gib(minimum.get('all-gather'))}) | "
+                f"{gib(coll.get('reduce-scatter'))} ({gib(minimum.get('reduce-scatter'))}) | "
+                f"{gib(coll.get('all-reduce'))} | {gib(coll.get('all-to-all'))} |")
   return "\n".join(rows)
 
 

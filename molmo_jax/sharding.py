@@ -6,7 +6,9 @@ This module is the one place that maps them onto the physical mesh axes:
   data    pure data parallelism (parameters replicated)
   fsdp    data parallelism with parameters, gradients and optimizer state sharded (ZeRO-3)
   tensor  Megatron-style tensor parallelism over heads / MLP width / vocabulary
-  expert  expert parallelism for MoE layers (also shards the batch for every other layer)
+  expert  expert parallelism for MoE layers; every other layer treats it as more FSDP (it shards
+          the batch and, for weights without an expert dimension, the embed axis), so an
+          expert-parallel slice keeps no replicated parameters
 
 Changing a parallelism layout means changing `LOGICAL_AXIS_RULES` or the mesh shape, never model
 code.
@@ -43,7 +45,8 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     # --- parameters: language model ---
     ("layers", None),
     ("vocab", "tensor"),
-    ("embed", "fsdp"),
+    ("embed", ("fsdp", "expert")),   # weights without an expert dimension: FSDP over both
+    ("embed", "fsdp"),               # expert weights (expert already taken by "exp")
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("head_dim", None),
@@ -51,12 +54,12 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("exp", "expert"),
     ("norm", None),
     # --- parameters: vision tower and connector ---
-    ("vit_embed", "fsdp"),
+    ("vit_embed", ("fsdp", "expert")),
     ("vit_heads", "tensor"),
     ("vit_mlp", "tensor"),
     ("vit_patch", None),
     ("vit_positions", None),
-    ("vit_concat", "fsdp"),
+    ("vit_concat", ("fsdp", "expert")),
     ("pad_kinds", None),
 )
 

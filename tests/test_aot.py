@@ -23,10 +23,10 @@ def _require_libtpu():
     pytest.fail("libtpu is not installed: pip install -e '.[tpu]' (or set MOLMO_SKIP_AOT=1)")
 
 
-def _tiny_config(**overrides):
+def _tiny_config(family="qwen2", **overrides):
   sys.path.insert(0, str(ROOT))
   import train as train_cli
-  config = train_cli.load_config_file(str(ROOT / "configs" / "tiny_test.py"))
+  config = train_cli.load_config_file(str(ROOT / "configs" / "tiny_test.py") + f":{family}")
   for key, value in overrides.items():
     train_cli.apply_override(config, key, value)
   return config
@@ -91,3 +91,62 @@ def test_aot_command_line_exit_status_and_json(tmp_path):
   bad = subprocess.run([sys.executable, str(ROOT / "aot.py"), "--config", str(ROOT / "configs" / "tiny_test.py"),
                         "--topology", "v9:1x1"], env=env, capture_output=True, text=True, timeout=120)
   assert bad.returncode == 2 and "topology" in bad.stderr
+
+
+def test_tiny_moe_compiles_expert_parallel_for_tpu():
+  """On a v5p slice with expert=2 the dropless MoE moves tokens with ragged-all-to-all and never
+  gathers an expert weight [.., E, D, F] (E = 12 so that no other dimension collides)."""
+  _require_libtpu()
+  import re
+  from molmo_jax.training import aot
+  config = _tiny_config("olmoe", **{"mesh.data": "1", "mesh.fsdp": "2", "mesh.expert": "2"})
+  config.model.llm = dict(config.model.llm.to_dict(), num_experts=12)
+  report = aot.compile_train_step(config, "v5p:2x2x1", keep_hlo=True)
+  assert report.error is None
+  hlo = report.hlo_text
+  assert re.search(r"\bragged-all-to-all(-start)?\(", hlo)
+  assert report.collective_bytes["all-to-all"] > 0
+  gathered = []
+  for line in hlo.splitlines():
+    if re.search(r"\ball-gather(-start)?\(", line):
+      result = line.split("=", 1)[1].split("all-gather", 1)[0]
+      for dims in re.findall(r"\[([\d,]+)\]", result):
+        sizes = [int(d) for d in dims.split(",")]
+        if len(sizes) >= 3 and 12 in sizes:
+          gathered.append(line.strip()[:160])
+  assert gathered == []
+  # The planner's efficiency figures are filled in.
+  assert report.floor_bytes["state"] == aot.STATE_BYTES_PER_PARAM * report.param_count / 4
+  assert report.collective_bytes["all-gather"] > 0
+  assert report.fsdp_min_collective_bytes["all-gather"] > 0
+
+
+def test_collective_bytes_counts_loop_iterations():
+  from molmo_jax.training import aot
+  hlo = """HloModule m
+
+%body (p: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %p = (s32[], f32[8]) parameter(0)
+  %x = f32[8]{0} get-tuple-element(%p), index=1
+  %ag = bf16[4,16]{1,0} all-gather(%y), dimensions={0}
+  %rs = f32[2]{0} reduce-scatter(%x), dimensions={0}
+  ROOT %t = (s32[], f32[8]) tuple(%i, %rs)
+}
+
+%cond (p: (s32[], f32[8])) -> pred[] {
+  ROOT %c = pred[] constant(true)
+}
+
+ENTRY %main (a: f32[8]) -> f32[8] {
+  %a = f32[8]{0} parameter(0)
+  %ars = f32[8]{0} all-reduce-start(%a), to_apply=%add
+  %ard = f32[8]{0} all-reduce-done(%ars)
+  %w = (s32[], f32[8]) while(%init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"5"}}
+  ROOT %o = f32[8]{0} get-tuple-element(%w), index=1
+}
+"""
+  got = aot.collective_bytes(hlo)
+  assert got["all-gather"] == 5 * 4 * 16 * 2          # bf16 result, 5 iterations
+  assert got["reduce-scatter"] == 5 * 8 * 4           # f32[8] operand
+  assert got["all-reduce"] == 8 * 4                   # start counted, done not
+  assert got["all-to-all"] == 0

@@ -101,10 +101,12 @@ def test_sharded_logits_equal_single_device(family, moe_impl, mesh_shape):
   llm = placed["llm"]
   query = llm["blocks"]["attention"]["query"]["kernel"]                        # [L, D, H, h]
   l, d, h, hd = query.shape
-  assert shard_shape(query) == (l, d // fsdp, h // tensor, hd)
-  assert shard_shape(llm["lm_head"]) == (d // fsdp, llm["lm_head"].shape[1] // tensor)
+  # Weights without an expert dimension shard their embed axis over fsdp x expert.
+  assert shard_shape(query) == (l, d // (fsdp * expert), h // tensor, hd)
+  assert shard_shape(llm["lm_head"]) == (d // (fsdp * expert), llm["lm_head"].shape[1] // tensor)
   pooling = placed["connector"]["pooling"]["query"]["kernel"]                  # [2Dv, Hp, hp]
-  assert shard_shape(pooling) == (pooling.shape[0] // fsdp, pooling.shape[1] // tensor, pooling.shape[2])
+  assert shard_shape(pooling) == (pooling.shape[0] // (fsdp * expert), pooling.shape[1] // tensor,
+                                  pooling.shape[2])
   if family == "olmoe":
     gate = llm["blocks"]["moe"]["gate"]                                        # [L, E, D, F]
     l, e, d, f = gate.shape

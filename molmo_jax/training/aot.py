@@ -20,6 +20,7 @@ import time
 from typing import Any, Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from molmo_jax import sharding as sharding_lib
@@ -49,6 +50,14 @@ class CompileReport:
   compiled_flops_per_step: float | None = None
   param_count: int = 0
   param_sharding: dict[str, str] = dataclasses.field(default_factory=dict)
+  remat_policy: str = ""
+  micro_batches: int = 1
+  # Per chip: the analytic floor {"state", "activations", "total"} (activations None where the
+  # remat policy is not modelled), collective bytes per step by kind from the compiled HLO, and
+  # the FSDP minimum {"all-gather", "reduce-scatter"} (see `analytic_floor`, `collective_bytes`).
+  floor_bytes: dict[str, float | None] = dataclasses.field(default_factory=dict)
+  collective_bytes: dict[str, float] = dataclasses.field(default_factory=dict)
+  fsdp_min_collective_bytes: dict[str, float] = dataclasses.field(default_factory=dict)
 
   @property
   def hbm_fraction(self) -> float:
@@ -103,9 +112,12 @@ def _memory(compiled) -> dict[str, int]:
   return out
 
 
-def compile_train_step(config: Any, topology: str, mesh_shape: Mapping[str, int] | None = None
-                       ) -> CompileReport:
-  """Lowers and compiles the train step that `config` describes for `topology`."""
+def compile_train_step(config: Any, topology: str, mesh_shape: Mapping[str, int] | None = None,
+                       keep_hlo: bool = False) -> CompileReport:
+  """Lowers and compiles the train step that `config` describes for `topology`.
+
+  keep_hlo: also keep the compiled HLO text in `report.hlo_text` (not written to JSON).
+  """
   from molmo_jax.models.molmo import Molmo
   from molmo_jax.training import flops as flops_lib, train_step as step_lib
   from molmo_jax.training.loop import build_model_config, data_config
@@ -129,13 +141,22 @@ def compile_train_step(config: Any, topology: str, mesh_shape: Mapping[str, int]
   batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sh)
            for (k, v), sh in zip(spec.items(), step_lib.batch_shardings(mesh, spec).values())}
   params = abstract.params
+  compute_bytes = jnp.dtype(model_cfg.dtype).itemsize
+  rows = data_cfg.global_batch_size // (step_cfg.micro_batches * step_lib.data_parallel_size(mesh))
+  kept = kept_activation_bytes(model_cfg, rows, data_cfg.seq_len, spec["images"].shape[1]
+                               if "images" in spec else 0, model_cfg.remat_policy, compute_bytes)
   report = CompileReport(
       topology=topology, chips=chips, mesh={k: int(v) for k, v in mesh.shape.items()}, fits=False,
       hbm_per_chip_bytes=HBM_BYTES[generation],
       model_flops_per_step=flops_lib.train_step_flops(model_cfg, data_cfg.global_batch_size,
                                                       data_cfg.seq_len, max_crops + 1).train,
       param_count=int(sum(np.prod(p.shape) for p in jax.tree.leaves(params))),
-      param_sharding=sharding_lib.describe(shardings.params))
+      param_sharding=sharding_lib.describe(shardings.params),
+      remat_policy=model_cfg.remat_policy, micro_batches=step_cfg.micro_batches)
+  report.floor_bytes = analytic_floor(report.param_count, chips, kept)
+  report.fsdp_min_collective_bytes = fsdp_minimum_collectives(
+      _gathered_elements(params, shardings.params, mesh), compute_bytes, step_cfg.micro_batches,
+      model_cfg.remat_policy != "none")
   start = time.time()
   try:
     with sharding_lib.activate(mesh):
@@ -149,6 +170,10 @@ def compile_train_step(config: Any, topology: str, mesh_shape: Mapping[str, int]
       return report
     raise
   report.compile_seconds = time.time() - start
+  hlo = compiled.as_text()
+  if keep_hlo:
+    report.hlo_text = hlo
+  report.collective_bytes = collective_bytes(hlo)
   for key, value in _memory(compiled).items():
     setattr(report, key, value)
   cost = compiled.cost_analysis()
@@ -158,6 +183,189 @@ def compile_train_step(config: Any, topology: str, mesh_shape: Mapping[str, int]
   report.compiled_flops_per_step = float(cost.get("flops", 0.0)) if cost else None
   report.fits = report.total_bytes <= report.hbm_per_chip_bytes
   return report
+
+
+# ------------------------------------------------------------------------------------------
+# Collectives in the compiled HLO
+# ------------------------------------------------------------------------------------------
+
+COLLECTIVE_KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4,
+                "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16,
+                "f8e4m3fn": 1, "f8e5m2": 1, "s4": 1, "u4": 1}
+_ARRAY = re.compile(r"\b([a-z]+[0-9]*[a-z0-9]*)\[([0-9,]*)\]")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s+([a-z][\w\-]*)\((.*)$")
+_COMPUTATION = re.compile(r"^\s*(ENTRY\s+)?%?([\w.\-]+)\s+(?:\(.*\))?.*\{\s*$")
+_CALLS = re.compile(r"\b(body|condition|calls|to_apply|branch_computations)=(\{[^}]*\}|%?[\w.\-]+)")
+_TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+
+
+def _shape_bytes(text: str) -> list[int]:
+  """Bytes of every array in a shape string ('(bf16[4,8]{1,0}, f32[2])' -> [64, 8])."""
+  out = []
+  for dtype, dims in _ARRAY.findall(text):
+    if dtype not in _DTYPE_BYTES:
+      continue
+    out.append(_DTYPE_BYTES[dtype] * int(np.prod([int(d) for d in dims.split(",") if d] or [1])))
+  return out
+
+
+def _trip_count(condition: list[str]) -> float:
+  """Iterations of a counted loop from its condition computation: `i < constant(N)` (lax.scan
+  and fori_loop count from 0 in steps of 1). 1 when the pattern is not found."""
+  constants = {}
+  for line in condition:
+    m = re.match(r"\s*%?([\w.\-]+)\s*=\s*s32\[\][^ ]*\s+constant\((-?\d+)\)", line)
+    if m:
+      constants[m.group(1)] = int(m.group(2))
+  for line in condition:
+    if "compare(" in line and "direction=LT" in line:
+      operands = re.findall(r"%([\w.\-]+)", line.split("compare(", 1)[1].split(")")[0])
+      if len(operands) == 2 and operands[1] in constants:
+        return float(max(constants[operands[1]], 0))
+  return 1.0
+
+
+def collective_bytes(hlo_text: str) -> dict[str, float]:
+  """Bytes moved per step by each kind of collective, from compiled HLO text (per device).
+
+  Convention: the size of the full array on the collective's wide side, i.e. the result of an
+  all-gather, the operand of a reduce-scatter, the operand of an all-reduce / all-to-all /
+  collective-permute (ragged-all-to-all counts as all-to-all: its operand, the rows sent).
+  Asynchronous pairs are counted once (the -start op). A collective inside a while loop
+  (scanned layers, micro-batches) counts once per iteration (XLA's known_trip_count, else the
+  `i < N` of the loop condition), nested loops multiply.
+  """
+  computations: dict[str, list[str]] = {}
+  current, entry = None, None
+  for line in hlo_text.splitlines():
+    if current is None:
+      # Computation headers start in column 0 ("%name (params) -> result {", "ENTRY %name ...").
+      m = _COMPUTATION.match(line) if line[:1] in ("%", "E") and line.rstrip().endswith("{") else None
+      if m:
+        current = m.group(2)
+        computations[current] = []
+        if m.group(1):
+          entry = current
+      continue
+    if line.strip() == "}":
+      current = None
+      continue
+    computations[current].append(line)
+  if entry is None:
+    return {k: 0.0 for k in COLLECTIVE_KINDS}
+  shapes: dict[str, str] = {}
+  for lines in computations.values():
+    for line in lines:
+      m = _INSTRUCTION.match(line)
+      if m:
+        shapes[m.group(1)] = m.group(2)
+  # How often each computation runs per step.
+  runs: dict[str, float] = {entry: 1.0}
+  order = [entry]
+  for name in order:
+    for line in computations.get(name, []):
+      trip = 1.0
+      if " while(" in line:
+        t = _TRIP.search(line)
+        cond = re.search(r"condition=%?([\w.\-]+)", line)
+        trip = float(t.group(1)) if t else _trip_count(computations.get(cond.group(1) if cond else "", []))
+      for attr, targets in _CALLS.findall(line):
+        for target in targets.strip("{}").replace("%", "").split(","):
+          target = target.strip()
+          if target not in computations:
+            continue
+          factor = trip if attr in ("body", "condition") else 1.0
+          runs[target] = runs.get(target, 0.0) + runs[name] * factor
+          if target not in order:
+            order.append(target)
+  totals = {k: 0.0 for k in COLLECTIVE_KINDS}
+  for name, lines in computations.items():
+    for line in lines:
+      m = _INSTRUCTION.match(line)
+      if not m:
+        continue
+      op = m.group(3)
+      if op.endswith("-done"):
+        continue
+      base = op[:-len("-start")] if op.endswith("-start") else op
+      if base == "ragged-all-to-all":
+        base = "all-to-all"
+      if base not in totals:
+        continue
+      if base == "all-gather":      # result; an async start's result is (operands, results)
+        sizes = _shape_bytes(m.group(2))
+        size = sum(sizes[len(sizes) // 2:]) if op.endswith("-start") else sum(sizes)
+      else:
+        operands = re.findall(r"%([\w.\-]+)", m.group(4).split(")")[0])
+        size = sum(sum(_shape_bytes(shapes.get(o, ""))) for o in operands)
+        if base == "all-to-all" and op == "ragged-all-to-all":
+          size = sum(_shape_bytes(shapes.get(operands[0], ""))) if operands else 0
+        if not size:
+          sizes = _shape_bytes(m.group(2))
+          size = sizes[0] if sizes else 0
+      totals[base] += size * runs.get(name, 0.0)
+  return totals
+
+
+# ------------------------------------------------------------------------------------------
+# Analytic floors
+# ------------------------------------------------------------------------------------------
+
+STATE_BYTES_PER_PARAM = 16      # fp32 master weights 4 + gradients 4 + AdamW mu 4 + nu 4
+
+
+def kept_activation_bytes(model_cfg: Any, rows: int, seq_len: int, crops: int, policy: str,
+                          compute_bytes: int) -> float | None:
+  """Bytes the remat policy keeps for the backward pass, per chip and micro-batch, for `rows`
+  examples: the scanned blocks' inputs (LLM [rows, T, D], ViT [rows*crops, P, Dv]) plus what the
+  policy saves inside a block. None for policies whose residuals are not modelled (none, dots,
+  dots_no_batch: XLA decides)."""
+  llm, vit = model_cfg.llm, model_cfg.vision
+  tokens = rows * seq_len
+  patches = rows * crops * vit.num_patches
+  base = llm.num_layers * tokens * llm.d_model + vit.num_layers * patches * vit.width
+  qkv = (llm.num_heads + 2 * llm.num_kv_heads) * llm.head_dim
+  hidden = llm.experts_per_token * llm.expert_mlp_dim if llm.is_moe else llm.mlp_dim
+  vit_qkv = 3 * vit.num_heads * vit.head_dim
+  extra = {"full": 0,
+           "qkv_proj": llm.num_layers * tokens * qkv + vit.num_layers * patches * vit_qkv,
+           "minimal": (llm.num_layers * tokens * (qkv + llm.d_model + hidden)
+                       + vit.num_layers * patches * (vit_qkv + vit.width + vit.mlp_dim))}
+  if policy not in extra:
+    return None
+  return float((base + extra[policy]) * compute_bytes)
+
+
+def analytic_floor(param_count: int, chips: int, kept: float | None) -> dict[str, float | None]:
+  """Per-chip floor: state (16 bytes per parameter spread over all chips) + kept activations."""
+  state = STATE_BYTES_PER_PARAM * param_count / chips
+  return {"state": state, "activations": kept,
+          "total": state + kept if kept is not None else None}
+
+
+def fsdp_minimum_collectives(gathered_elements: float, compute_bytes: int, micro_batches: int,
+                             remat: bool) -> dict[str, float]:
+  """Per-chip bytes (full-array convention of `collective_bytes`) that FSDP cannot avoid per step:
+  every parameter gathered in the compute dtype for the forward pass and, under remat, again for
+  the backward pass, and its gradient reduce-scattered once, per micro-batch.
+  `gathered_elements` = sum over parameters of the size of the array one chip gathers (the
+  parameter divided by its shards over the non-FSDP axes: tensor, expert)."""
+  passes = 2 if remat else 1
+  return {"all-gather": float(passes * gathered_elements * compute_bytes * micro_batches),
+          "reduce-scatter": float(gathered_elements * compute_bytes * micro_batches)}
+
+
+def _gathered_elements(abstract_params: Any, param_shardings: Any, mesh) -> float:
+  total = 0.0
+  for p, sh in zip(jax.tree.leaves(abstract_params), jax.tree.leaves(param_shardings)):
+    other = 1
+    for entry in getattr(sh, "spec", ()):
+      axes = (entry,) if isinstance(entry, str) else tuple(entry or ())
+      if "fsdp" not in axes:       # an FSDP entry (fsdp, or fsdp x expert) is gathered
+        other *= int(np.prod([mesh.shape[a] for a in axes]))
+    total += float(np.prod(p.shape)) / other
+  return total
 
 
 def _first_lines(text: str, n: int = 4) -> str:
@@ -176,9 +384,32 @@ def format_report(r: CompileReport) -> str:
             f"  per-chip temporaries   {gib(r.temp_bytes)}",
             f"  per-chip total         {gib(r.total_bytes)}  of {gib(r.hbm_per_chip_bytes)} HBM "
             f"({100 * r.hbm_fraction:.1f} %) -> {'fits' if r.fits else 'DOES NOT FIT'}",
+            *_efficiency_lines(r),
             f"  model FLOPs / step     {r.model_flops_per_step:.3e} (analytic)",
             f"  compiled FLOPs / step  {r.compiled_flops_per_step or 0:.3e} (XLA, scanned body counted once)"]
   return "\n".join(lines)
+
+
+def _efficiency_lines(r: CompileReport) -> list[str]:
+  gib = lambda b: f"{b / GiB:.2f} GiB"
+  lines = []
+  floor = r.floor_bytes or {}
+  if floor:
+    kept = floor.get("activations")
+    kept_text = (f"{gib(kept)} kept activations (remat {r.remat_policy})" if kept is not None
+                 else f"kept activations not modelled for remat {r.remat_policy}")
+    lines.append(f"  analytic floor         {gib(floor['state'])} state (16 B/parameter / chips) + "
+                 f"{kept_text}")
+    if floor.get("total"):
+      lines.append(f"                         = {gib(floor['total'])}; compiled total is "
+                   f"{r.total_bytes / floor['total']:.2f}x the floor")
+  if r.collective_bytes:
+    minimum = r.fsdp_min_collective_bytes or {}
+    lines.append("  collectives / step     per chip, full-array bytes (FSDP minimum)")
+    for kind in COLLECTIVE_KINDS:
+      extra = f"  ({gib(minimum[kind])})" if kind in minimum else ""
+      lines.append(f"    {kind:<20} {gib(r.collective_bytes.get(kind, 0.0))}{extra}")
+  return lines
 
 
 def sharding_by_logical_axis(report: CompileReport) -> dict[str, list[str]]:
