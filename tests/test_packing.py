@@ -133,22 +133,21 @@ def test_perturbing_one_example_leaves_the_others_unchanged(setup):
   np.testing.assert_allclose(new[0, others], logits[0, others], atol=1e-6, rtol=0)
 
 
-def test_first_fit_packer():
+def test_row_packer_best_fit_and_fullest_out():
   rng = np.random.default_rng(0)
   ex = lambda n: {"input_ids": rng.integers(0, 50, n).astype(np.int32),
                   "target_ids": np.zeros(n, np.int32), "loss_weights": np.ones(n, np.float32),
                   "subsegment_ids": np.zeros(n, np.int32), "position_ids": np.arange(n, dtype=np.int32)}
-  packer = packing.FirstFitPacker(seq_len=10, crop_slots=0, num_bins=2)
+  packer = packing.RowPacker(seq_len=10, crop_slots=0, num_bins=2)
   assert packer.add(ex(6), "a") == []
   assert packer.add(ex(7), "b") == []                      # does not fit with a: second row
-  assert packer.add(ex(3), "c") == []                      # first fit: joins a
-  assert packer.open_tags() == [["a", "c"], ["b"]]
-  closed = packer.add(ex(3), "d")                          # b + d = 10: full row emitted
-  assert [tags for _, tags in closed] == [["b", "d"]]
-  closed = packer.add(ex(8), "e")
-  assert closed == [] and packer.open_tags() == [["a", "c"], ["e"]]
-  closed = packer.add(ex(9), "f")                          # no room, 2 open rows: oldest emitted
-  assert [tags for _, tags in closed] == [["a", "c"]]
+  closed = packer.add(ex(3), "c")                          # best fit: fills b exactly -> emitted
+  assert [tags for _, tags in closed] == [["b", "c"]] and packer.open_tags() == [["a"]]
+  assert packer.add(ex(3), "d") == [] and packer.open_tags() == [["a", "d"]]
+  assert packer.add(ex(8), "e") == []
+  closed = packer.add(ex(9), "f")                          # no room, 2 rows open: fullest out
+  assert [tags for _, tags in closed] == [["a", "d"]]
+  assert packer.open_tags() == [["e"], ["f"]]
   assert [tags for _, tags in packer.add(ex(2), "g", alone=True)] == [["g"]]
   rows = [r for r, _ in packer.flush()]
   assert packer.open_tags() == [] and len(rows) == 2

@@ -17,9 +17,11 @@ lets a token attend only to tokens of the same segment (`models/molmo.py: text_a
 so every example computes exactly what it computes alone. The packed-conversation rule inside an
 example (subsegment_ids) is unchanged.
 
-`FirstFitPacker` keeps a few rows open and puts each arriving example into the first open row with
-room for its tokens and crops (first fit, as MaxText's packing); when none has room the oldest
-open row is emitted.
+`RowPacker` keeps a few rows open and puts each arriving example into the open row it fills best
+(the one with the least room left that still takes its tokens and crops; best fit); when none
+has room the fullest open row is emitted. On examples of 100..2304 tokens in 2304-token rows this
+reaches ~93 % real tokens with 16 open rows, where first fit with oldest-out reaches ~87 % with 8
+(benchmarks/packing.py, docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -102,7 +104,7 @@ def pack_row(examples: Sequence[Mapping[str, np.ndarray]], seq_len: int, crop_sl
   return row
 
 
-class FirstFitPacker:
+class RowPacker:
   """Packs a stream of unpadded examples into rows of `seq_len` tokens and `crop_slots` crops.
 
   `add(example, tag)` returns the rows it closes (a list, usually empty); `open_tags()` lists the
@@ -110,10 +112,10 @@ class FirstFitPacker:
   exactly); `flush()` closes every open row. Each returned row is (packed arrays, tags).
   """
 
-  def __init__(self, seq_len: int, crop_slots: int, num_bins: int = 8,
+  def __init__(self, seq_len: int, crop_slots: int, num_bins: int = 16,
                crop_shapes: Mapping[str, tuple[int, ...]] | None = None):
     if seq_len < 1 or crop_slots < 0 or num_bins < 1:
-      raise ValueError(f"FirstFitPacker: expected seq_len >= 1, crop_slots >= 0, num_bins >= 1; "
+      raise ValueError(f"RowPacker: expected seq_len >= 1, crop_slots >= 0, num_bins >= 1; "
                        f"got {seq_len}, {crop_slots}, {num_bins}")
     self.seq_len, self.crop_slots, self.num_bins = seq_len, crop_slots, num_bins
     self.crop_shapes = crop_shapes
@@ -132,20 +134,23 @@ class FirstFitPacker:
     new = {"examples": [example], "tags": [tag], "tokens": tokens, "crops": crops}
     if alone:
       return [self._close(new)]
-    for i, b in enumerate(self._bins):
-      if b["tokens"] + tokens <= self.seq_len and b["crops"] + crops <= self.crop_slots:
-        b["examples"].append(example)
-        b["tags"].append(tag)
-        b["tokens"] += tokens
-        b["crops"] += crops
-        out = []
-        if b["tokens"] == self.seq_len:           # nothing more can go in
-          del self._bins[i]
-          out.append(self._close(b))
-        return out
+    fits = [i for i, b in enumerate(self._bins)
+            if b["tokens"] + tokens <= self.seq_len and b["crops"] + crops <= self.crop_slots]
+    if fits:
+      i = min(fits, key=lambda j: self.seq_len - self._bins[j]["tokens"])     # best fit
+      b = self._bins[i]
+      b["examples"].append(example)
+      b["tags"].append(tag)
+      b["tokens"] += tokens
+      b["crops"] += crops
+      if b["tokens"] == self.seq_len:             # nothing more can go in
+        del self._bins[i]
+        return [self._close(b)]
+      return []
     out = []
-    if len(self._bins) >= self.num_bins:
-      out.append(self._close(self._bins.pop(0)))
+    if len(self._bins) >= self.num_bins:           # emit the fullest open row
+      fullest = max(range(len(self._bins)), key=lambda j: self._bins[j]["tokens"])
+      out.append(self._close(self._bins.pop(fullest)))
     self._bins.append(new)
     return out
 
@@ -168,9 +173,9 @@ class FirstFitPacker:
 
 
 def pack_all(examples: Iterable[Mapping[str, np.ndarray]], seq_len: int, crop_slots: int,
-             num_bins: int = 8) -> list[dict[str, np.ndarray]]:
-  """Every example packed (first fit), open rows flushed at the end: the packed rows, in order."""
-  packer = FirstFitPacker(seq_len, crop_slots, num_bins)
+             num_bins: int = 16) -> list[dict[str, np.ndarray]]:
+  """Every example packed (best fit), open rows flushed at the end: the packed rows, in order."""
+  packer = RowPacker(seq_len, crop_slots, num_bins)
   rows = []
   for i, ex in enumerate(examples):
     rows += [r for r, _ in packer.add(ex, i)]

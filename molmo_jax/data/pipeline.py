@@ -80,7 +80,7 @@ class DataConfig:
     pack_examples: pack several examples (each with its images) into one row (data/packing.py):
       rows gain segment_ids [B, S] and attention stays within an example. A source with
       `pack=False` keeps a row per example.
-    pack_bins: rows kept open by the first-fit packer.
+    pack_bins: rows kept open by the packer (best fit, fullest row out; data/packing.py).
     pack_crop_slots: crop slots of a packed row (images [B, pack_crop_slots, P, C]); None keeps
       max_crops + 1, so only examples whose crops fit together share a row.
   """
@@ -99,7 +99,7 @@ class DataConfig:
   num_workers: int = 0
   prefetch: int = 2
   pack_examples: bool = False
-  pack_bins: int = 8
+  pack_bins: int = 16
   pack_crop_slots: int | None = None
 
   def __post_init__(self):
@@ -448,12 +448,12 @@ class TrainIterator:
     return self._examples / self._rows if self._rows else 0.0
 
   def _new_packer(self):
-    from molmo_jax.data.packing import FirstFitPacker
+    from molmo_jax.data.packing import RowPacker
     spec = self._example_fn.spec
     crop_shapes = {"images": (spec.pre.crop_patches ** 2, spec.pre.patch_size ** 2 * 3),
                    "image_masks": (spec.pre.crop_patches ** 2,),
                    "image_input_idx": (spec.pre.pooled_per_crop,)}
-    return FirstFitPacker(self._packing["seq_len"], self._packing["crop_slots"],
+    return RowPacker(self._packing["seq_len"], self._packing["crop_slots"],
                           self._packing["bins"], crop_shapes)
 
   def _unpadded(self, position: int, element: Mapping[str, Any] | None = None):
