@@ -45,13 +45,15 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     # --- parameters: language model ---
     ("layers", None),
     ("vocab", "tensor"),
+    # "exp" before "embed": flax resolves the rules in this order, so an expert weight's expert
+    # dimension takes the expert axis first and its embed axis falls back to fsdp alone.
+    ("exp", "expert"),
     ("embed", ("fsdp", "expert")),   # weights without an expert dimension: FSDP over both
     ("embed", "fsdp"),               # expert weights (expert already taken by "exp")
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("head_dim", None),
     ("mlp", "tensor"),
-    ("exp", "expert"),
     ("norm", None),
     # --- parameters: vision tower and connector ---
     ("vit_embed", ("fsdp", "expert")),
