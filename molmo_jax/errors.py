@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import logging
 import os
 import signal
 import sys
@@ -67,6 +68,8 @@ _STORAGE_ERRNOS = frozenset(e for e in (
 _CORRUPT_MARKERS = ("DATA_LOSS", "Error reading", "Error decoding", "Unexpected end of",
                     "truncated", "Invalid chunk", "corrupt", "checksum", "Malformed",
                     "Failed to decode", "not a valid", "OUT_OF_RANGE")
+# Status prefixes of tensorstore errors about stored bytes (any tool reading a checkpoint).
+_TENSORSTORE_MARKERS = ("DATA_LOSS:", "OUT_OF_RANGE: Error reading", "Error reading", "Error decoding")
 
 
 class ToolError(Exception):
@@ -163,6 +166,10 @@ def classify(exc: BaseException) -> tuple[int, str]:
   for e in _chain(exc):
     if isinstance(e, ToolError):
       return e.exit_code, e.line()
+  for e in _chain(exc):
+    if any(marker in str(e) for marker in _TENSORSTORE_MARKERS):
+      return EXIT_STORAGE, (f"{_first_line(str(e))} (stored data truncated or corrupt; copy or "
+                            "convert it again)")
   if isinstance(exc, (FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError)):
     return EXIT_USAGE, _os_error_line(exc) if exc.filename else _first_line(str(exc))
   if isinstance(exc, OSError):
@@ -229,6 +236,11 @@ def run_main(main: Callable[[list[str]], int | None], argv: Sequence[str] | None
   """
   argv = list(sys.argv[1:] if argv is None else argv)
   debug = debug_requested(argv)
+  quiet = _QuietLibraryErrors()
+  if not debug:
+    # Orbax logs a failing background write with its traceback (through absl) before the
+    # exception reaches us; the one-line report below says the same, root cause first.
+    logging.getLogger("absl").addFilter(quiet)
   try:
     code = main(strip_debug(argv))
   except SystemExit as e:
@@ -238,8 +250,17 @@ def run_main(main: Callable[[list[str]], int | None], argv: Sequence[str] | None
     return EXIT_USAGE
   except BaseException as e:  # noqa: BLE001 - this is the one place errors become exit codes
     code = report(e, debug)
+  finally:
+    logging.getLogger("absl").removeFilter(quiet)
   sys.stdout.flush()
   return 0 if code is None else int(code)
+
+
+class _QuietLibraryErrors(logging.Filter):
+  """Drops library ERROR records (with their tracebacks) that duplicate the exception."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.levelno < logging.ERROR
 
 
 class ArgumentParser(argparse.ArgumentParser):
