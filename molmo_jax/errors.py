@@ -238,9 +238,13 @@ def run_main(main: Callable[[list[str]], int | None], argv: Sequence[str] | None
   debug = debug_requested(argv)
   quiet = _QuietLibraryErrors()
   if not debug:
-    # Orbax logs a failing background write with its traceback (through absl) before the
-    # exception reaches us; the one-line report below says the same, root cause first.
+    # Orbax logs a failing background write with its traceback (through absl), and tensorstore's
+    # callbacks print "Event loop is closed" once orbax's loop is gone, before the exception
+    # reaches us; the one-line report below says the same, root cause first.
     logging.getLogger("absl").addFilter(quiet)
+    # (kept after returning: the callbacks may still fire while the process exits)
+    sys.excepthook = _skip_closed_loop(sys.excepthook)
+    sys.unraisablehook = _skip_closed_loop_unraisable(sys.unraisablehook)
   try:
     code = main(strip_debug(argv))
   except SystemExit as e:
@@ -254,6 +258,24 @@ def run_main(main: Callable[[list[str]], int | None], argv: Sequence[str] | None
     logging.getLogger("absl").removeFilter(quiet)
   sys.stdout.flush()
   return 0 if code is None else int(code)
+
+
+def _is_closed_loop(exc: BaseException | None) -> bool:
+  return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+
+
+def _skip_closed_loop(hook):
+  def excepthook(kind, value, tb):
+    if not _is_closed_loop(value):
+      hook(kind, value, tb)
+  return excepthook
+
+
+def _skip_closed_loop_unraisable(hook):
+  def unraisablehook(info):
+    if not _is_closed_loop(info.exc_value):
+      hook(info)
+  return unraisablehook
 
 
 class _QuietLibraryErrors(logging.Filter):
