@@ -34,6 +34,10 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--max-crops", type=int, default=None)
   p.add_argument("--batch-size", type=int, default=8)
   p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+  p.add_argument("--resize-method", choices=["tensorflow", "torchvision"], default=None,
+                 help="image resize: tensorflow (what converted release checkpoints use, as the HF "
+                      "processor) or torchvision (the native repo's default); default: the "
+                      "checkpoint's config (see docs/fidelity.md)")
   p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
   p.add_argument("--json", action="store_true", help="print JSON lines")
   p.add_argument("--draw", default=None, help="PNG path for the image(s) with predicted points")
@@ -58,9 +62,10 @@ def draw_paths(base: str, n: int) -> list[Path]:
 def main(argv=None) -> int:
   args = parse_args(argv)
   from molmo_jax.predictor import Predictor
-  from molmo_jax.preprocess import image_io, points as points_lib
+  from molmo_jax.preprocess import inputs, points as points_lib
 
-  predictor = Predictor.from_checkpoint(args.checkpoint, dtype=args.dtype, max_crops=args.max_crops)
+  predictor = Predictor.from_checkpoint(args.checkpoint, dtype=args.dtype, max_crops=args.max_crops,
+                                        resize_method=args.resize_method)
   images = args.image or [None] * len(args.prompt)
   sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             top_k=args.top_k, top_p=args.top_p)
@@ -75,7 +80,7 @@ def main(argv=None) -> int:
   if args.draw:
     drawable = [(img, pred) for img, pred in zip(images, preds) if img is not None]
     for (img, pred), path in zip(drawable, draw_paths(args.draw, len(drawable))):
-      points_lib.draw_points(image_io.load_image(img), pred.points, out_path=path)
+      points_lib.draw_points(inputs.load_pixels(img, predictor.config), pred.points, out_path=path)
       print(f"wrote {path}", file=sys.stderr)
   return 0
 

@@ -46,7 +46,7 @@ from molmo_jax.data.sources import SourceConfig, open_source
 from molmo_jax.preprocess.examples import (IMAGE_KEYS, IMAGE_TOKENS_END, OVERFLOW_POLICIES,
                                            TEXT_KEYS, build_example, collate)
 from molmo_jax.preprocess.image import multicrop_image
-from molmo_jax.preprocess.image_io import load_image
+from molmo_jax.preprocess.inputs import load_pixels
 from molmo_jax.preprocess.tokens import MolmoTokenizer
 
 _log = logging.getLogger(__name__)
@@ -269,7 +269,7 @@ def record_to_example(record: Mapping[str, Any], source_cfg: SourceConfig, tok: 
     conversations = conversations[0][:-1]   # the prompt: the first conversation minus its answer
   images = None
   if record.get("image") is not None:
-    pixels = load_image(record["image"])
+    pixels = load_pixels(record["image"], spec.pre)
     images = [multicrop_image(pixels, spec.pre, max_crops=spec.max_crops)]
   return build_example(conversations, images, tok, spec.pre, for_training=for_training, rng=rng,
                        style=record.get("style") or source_cfg.style, weight=record.get("weight"),

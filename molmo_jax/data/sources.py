@@ -27,7 +27,7 @@ import numpy as np
 
 from molmo_jax.data.synthetic import SyntheticConfig, SyntheticSource
 from molmo_jax.preprocess import points as points_lib
-from molmo_jax.preprocess.image_io import load_image
+from molmo_jax.preprocess.image_io import image_size
 
 SOURCE_KINDS = ("jsonl", "hf", "synthetic")
 POINT_TASKS = {"pointing": "pointing", "counting": "point_count"}   # task -> default style
@@ -98,8 +98,8 @@ class JsonlSource:
   Every line is validated when the manifest is opened; a bad line raises `RecordError` naming
   `file:line` and the field. Image paths are relative to `image_root` (default: the manifest's
   directory). Pointing/counting lines carry points and a label; their answers are written here
-  with `format_points` / `format_count_answer` (the image is decoded to learn its size when the
-  points are in pixels, and the decoded array is passed on so the pipeline does not decode twice).
+  with `format_points` / `format_count_answer` (when the points are in pixels the image's header is
+  read to learn its post-EXIF size; the pipeline decodes the pixels with the model's alpha option).
 
   Args:
     path: the manifest.
@@ -218,8 +218,7 @@ class JsonlSource:
     if record.get("point_units", "pixels") == "percent":
       size = (100.0, 100.0)
     else:
-      record["image"] = load_image(record["image"])   # decoded once, here
-      size = (record["image"].shape[1], record["image"].shape[0])
+      size = image_size(record["image"])   # post-EXIF; the pixels are decoded by the pipeline
       if len(points) and ((points < 0).any() or (points > np.array(size)).any()):
         raise RecordError(f"{where}: field points: pixel points must lie inside the "
                           f"{size[0]}x{size[1]} image (after EXIF rotation), got {points.tolist()}")

@@ -29,6 +29,7 @@ from molmo_jax.evals.metrics import average_metrics
 from molmo_jax.evals.readers import DataError, Skip
 from molmo_jax.generate import SamplingConfig
 from molmo_jax.preprocess.image_io import load_image
+from molmo_jax.preprocess.inputs import load_pixels
 
 _log = logging.getLogger(__name__)
 MAX_LISTED_SKIPS = 100
@@ -154,8 +155,14 @@ class _Batcher:
     self.pending = []
 
 
-def _load_pixels(example) -> Any:
-  return None if example.image is None else load_image(example.image, name=f"example {example.id}")
+def _load_pixels(example, predictor: Any) -> Any:
+  """The example's pixels, alpha handled as the predictor's config says (default: dropped)."""
+  if example.image is None:
+    return None
+  config = getattr(predictor, "config", None)
+  if config is None:   # a stand-in predictor without a config: the reference's default
+    return load_image(example.image, name=f"example {example.id}")
+  return load_pixels(example.image, config, name=f"example {example.id}")
 
 
 def _progress(total: int | None, enabled: bool, name: str):
@@ -256,7 +263,7 @@ def evaluate(predictor: Any, task: str | tasks_lib.Task, data: Any = None, limit
       if item.id in done:
         continue
       try:
-        pixels = _load_pixels(item)
+        pixels = _load_pixels(item, predictor)
       except (OSError, ValueError) as e:
         order.pop()
         skips.append(Skip(item.id, f"unreadable image: {e}"))

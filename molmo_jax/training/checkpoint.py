@@ -17,18 +17,16 @@ A model directory is what converters write and predict/eval read:
   <dir>/tokenizer/     tokenizer files (optional)
 
 It is assembled in a hidden sibling directory and renamed into place at the end, so a failed
-write leaves nothing at `<dir>`.
+write leaves nothing at `<dir>` (molmo_jax.output_dirs).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import uuid
 from pathlib import Path
-from typing import Any, Iterator, Mapping, NamedTuple
+from typing import Any, Mapping, NamedTuple
 
 import etils.epath as epath
 import jax
@@ -36,6 +34,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from molmo_jax.config import MolmoConfig
+from molmo_jax.output_dirs import staged_directory
 from molmo_jax.training.optimizer import path_name
 
 _ITEMS = ("params", "opt_state", "meta")
@@ -303,34 +302,6 @@ def save_model_checkpoint(directory: str | os.PathLike, params: Any, config_json
     if tokenizer_dir is not None:
       shutil.copytree(tokenizer_dir, staging / _TOKENIZER_DIR)
   return directory
-
-
-@contextlib.contextmanager
-def staged_directory(directory: Path) -> Iterator[Path]:
-  """Yields a hidden sibling folder to write into; on success it replaces `directory`, on any
-  error it is removed, so `directory` only ever holds a complete result (or its old contents)."""
-  directory = Path(directory)
-  directory.parent.mkdir(parents=True, exist_ok=True)
-  staging = directory.parent / f".{directory.name}.partial-{uuid.uuid4().hex[:12]}"
-  try:
-    staging.mkdir()
-    yield staging
-    _replace_directory(staging, directory)
-  except BaseException:
-    shutil.rmtree(staging, ignore_errors=True)
-    raise
-
-
-def _replace_directory(staging: Path, directory: Path) -> None:
-  if not directory.exists():
-    os.rename(staging, directory)
-    return
-  # Two renames instead of rmtree-then-rename: at every instant `directory` is either the old
-  # complete model or the new one.
-  retired = directory.parent / f".{directory.name}.old-{uuid.uuid4().hex[:12]}"
-  os.rename(directory, retired)
-  os.rename(staging, directory)
-  shutil.rmtree(retired, ignore_errors=True)
 
 
 def load_model_checkpoint(directory: str | os.PathLike, expected_params: Any = None
