@@ -23,8 +23,13 @@ MAX_BODY = 256 * 1024
 
 
 @pytest.fixture(scope="module")
-def predictor(tmp_path_factory):
-  return Predictor.from_checkpoint(tiny_checkpoint(tmp_path_factory.mktemp("serve")))
+def checkpoint(tmp_path_factory):
+  return tiny_checkpoint(tmp_path_factory.mktemp("serve"))
+
+
+@pytest.fixture(scope="module")
+def predictor(checkpoint):
+  return Predictor.from_checkpoint(checkpoint)
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +153,7 @@ BAD_INPUTS = {
     "unknown field": (dict(json={"messages": [{"role": "user", "content": "hi"}], "frobnicate": 1}),
                       400, "extra_forbidden"),
     "unknown content part field": (dict(json={"messages": [{"role": "user", "content": [
-        {"type": "text", "text": "hi", "colour": "red"}]}]}), 400, None),
+        {"type": "text", "text": "hi", "colour": "red"}]}]}), 400, "extra_forbidden"),
     "no messages": (dict(json={"messages": []}), 400, None),
     "n=2": (dict(json={"messages": [{"role": "user", "content": "hi"}], "n": 2}), 400, None),
     "non-image data": (dict(json=_image_request(data_url(b"hello, I am text", "image/png"))),
@@ -201,3 +206,57 @@ def test_unknown_route_is_an_openai_style_404(server):
   url, _ = server
   response = httpx.get(url + "/v1/nothing")
   assert response.status_code == 404 and "error" in response.json()
+
+
+def test_command_line_startup_errors_are_one_line_exit_2(tmp_path, capsys):
+  from molmo_jax import errors
+  from molmo_jax.serve.__main__ import main
+  assert errors.run_main(main, ["--checkpoint", str(tmp_path / "missing")]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "not a model directory" in err[0], err
+  (tmp_path / "config.json").write_text("{}")
+  assert errors.run_main(main, ["--checkpoint", str(tmp_path), "--max-batch", "0"]) == 2
+  assert "--max-batch must be >= 1" in capsys.readouterr().err
+
+
+def test_batches_sharded_over_a_mesh_give_the_single_device_tokens(checkpoint, predictor):
+  import threading
+
+  from molmo_jax import sharding
+  from molmo_jax.serve.engine import BatchingEngine, Finished, Job
+  from molmo_jax.serve.messages import Conversation
+  mesh = sharding.mesh_from_spec("data=2,fsdp=2,tensor=2")
+  backend = ModelBackend(Predictor.from_checkpoint(checkpoint, mesh=mesh))
+  assert backend.batch_multiple == 4     # the batch axis is sharded over data x fsdp (x expert)
+  engine = BatchingEngine(backend, max_batch=4, batch_sizes=[4], batch_wait_s=0.2).start()
+  prompts = ["What is this?", "Describe it", "Point to the cat"]
+  results, finished = {}, threading.Event()
+
+  def sink_for(prompt):
+    def sink(event):
+      if isinstance(event, Finished):
+        results[prompt] = event.completion
+        if len(results) == len(prompts):
+          finished.set()
+    return sink
+
+  try:
+    for prompt in prompts:
+      prepared = backend.prepare(Conversation([prompt], None))
+      engine.submit(Job(prepared, max_tokens=6, sink=sink_for(prompt)))
+    assert finished.wait(600)
+  finally:
+    engine.stop()
+  assert engine.snapshot()["batches"] == 1
+  reference = predictor.predict([None] * 3, prompts, sampling=SamplingConfig(max_new_tokens=6))
+  for prompt, expected in zip(prompts, reference):
+    assert results[prompt].token_ids == expected.tokens, prompt
+
+
+def test_mesh_spec_of_the_command_line():
+  from molmo_jax import sharding
+  assert dict(sharding.mesh_from_spec("fsdp=4").shape) == {"data": 2, "fsdp": 4, "tensor": 1, "expert": 1}
+  assert dict(sharding.mesh_from_spec("auto").shape)["data"] == 8
+  for bad in ("fsdp", "pipeline=2", "tensor=two", "data=3"):
+    with pytest.raises(ValueError):
+      sharding.mesh_from_spec(bad)

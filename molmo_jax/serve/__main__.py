@@ -14,16 +14,19 @@ import logging
 import sys
 from pathlib import Path
 
+from molmo_jax import errors
+
 
 def parse_args(argv=None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog="python -m molmo_jax.serve", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = errors.ArgumentParser(prog="python -m molmo_jax.serve", description=__doc__)
   p.add_argument("--checkpoint", required=True, help="model directory (converted or trained)")
   p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
   p.add_argument("--port", type=int, default=8000)
   p.add_argument("--model-name", default=None, help="name in /v1/models (default: the directory name)")
   p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
   p.add_argument("--max-crops", type=int, default=None)
+  p.add_argument("--resize-method", choices=["tensorflow", "torchvision"], default=None,
+                 help="image resize (default: the checkpoint's config; see docs/fidelity.md)")
   p.add_argument("--mesh", default=None,
                  help='shard over a device mesh, e.g. "fsdp=4" or "data=2,tensor=4" (axes data, '
                       'fsdp, tensor, expert; "auto" = all devices on data); default: one device')
@@ -71,10 +74,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
   args = parse_args(argv)
   try:
+    import fastapi  # noqa: F401
     import uvicorn
-  except ImportError:
-    print("error: serving needs the `serve` extra: pip install -e '.[serve]'", file=sys.stderr)
-    return 2
+  except ImportError as e:
+    raise errors.UserError("python -m molmo_jax.serve", f"{e.name} is not installed (pip install "
+                           "-e '.[serve]')") from e
   from PIL import Image
 
   from molmo_jax import sharding
@@ -83,16 +87,16 @@ def main(argv=None) -> int:
   from molmo_jax.serve.backend import ModelBackend
   from molmo_jax.serve.engine import BatchingEngine
 
+  _check_can_listen(args.host, args.port)   # before loading a model that may take minutes
   logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   if args.max_image_pixels is not None:
     Image.MAX_IMAGE_PIXELS = args.max_image_pixels
   try:
     mesh = sharding.mesh_from_spec(args.mesh) if args.mesh else None
-    predictor = Predictor.from_checkpoint(args.checkpoint, dtype=args.dtype, mesh=mesh,
-                                          max_crops=args.max_crops)
-  except (OSError, ValueError) as e:
-    print(f"error: --checkpoint {args.checkpoint}: {e}", file=sys.stderr)
-    return 2
+  except ValueError as e:
+    raise errors.UserError("--mesh", str(e)) from e
+  predictor = Predictor.from_checkpoint(args.checkpoint, dtype=args.dtype, mesh=mesh,
+                                        max_crops=args.max_crops, resize_method=args.resize_method)
   engine = BatchingEngine(ModelBackend(predictor), max_batch=args.max_batch,
                           batch_wait_s=args.batch_wait_ms / 1000, queue_size=args.queue_size,
                           batch_sizes=args.batch_sizes).start()
@@ -107,13 +111,22 @@ def main(argv=None) -> int:
   try:
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
                 timeout_graceful_shutdown=5)
-  except OSError as e:
-    print(f"error: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
-    return 2
   finally:
     engine.stop()
   return 0
 
 
+def _check_can_listen(host: str, port: int) -> None:
+  import socket
+  try:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+      probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+      probe.bind((host, port))
+  except OSError as e:
+    raise errors.UserError(f"--host {host} --port {port}", f"cannot listen there ({e.strerror or e})",
+                           "choose another --port or stop what is using it") from None
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(errors.run_main(main))

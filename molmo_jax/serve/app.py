@@ -27,7 +27,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from molmo_jax.serve import inputs
+from molmo_jax.serve import messages
 from molmo_jax.serve.engine import (BatchingEngine, Completion, Delta, Failed, Finished, Job,
                                     timeout_error)
 from molmo_jax.serve.protocol import APIError, ChatCompletionRequest, validation_error
@@ -156,9 +156,9 @@ async def _read_json(request: Request, limit: int) -> Any:
 
 def _make_job(engine: BatchingEngine, settings: ServeSettings, chat: ChatCompletionRequest) -> Job:
   """Decodes the image and builds the model example (in a worker thread: CPU work)."""
-  conversation = inputs.parse_messages(chat.messages, local_image_dir=settings.local_image_dir)
+  conversation = messages.parse_messages(chat.messages, local_image_dir=settings.local_image_dir)
   backend = engine.backend
-  prepared = backend.prepare(conversation.turns, conversation.image)
+  prepared = backend.prepare(conversation)
   context = backend.context_length
   room = context - prepared.prompt_tokens
   if room < 1:

@@ -21,8 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from molmo_jax import sharding
-from molmo_jax.generate import DecodeState, SamplingConfig, bucket_length, decode_step, prefill
-from molmo_jax.preprocess import examples, image as image_lib
+from molmo_jax.generate import DecodeState, SamplingConfig, decode_step, prefill
+from molmo_jax.preprocess import examples, image_io, inputs
+from molmo_jax.serve.messages import Conversation
 from molmo_jax.serve.protocol import APIError
 
 
@@ -60,27 +61,35 @@ class ModelBackend:
 
   # ---- requests -> examples -------------------------------------------------------------------
 
-  def prepare(self, turns: list[str], image: np.ndarray | None) -> PreparedInput:
-    """One request's conversation (and image) as a model example, as `Predictor` builds it."""
+  def prepare(self, conversation: Conversation) -> PreparedInput:
+    """One request's conversation and image as a model example, built by
+    `molmo_jax.preprocess.inputs` as for `Predictor` (several turns: the same image
+    preparation, then `build_example` over the whole conversation)."""
+    image = None
+    if conversation.image is not None:
+      source = conversation.image
+      try:
+        image = inputs.load_pixels(source.data, self.config, name=source.param)
+      except image_io.ImageLoadError as e:
+        raise APIError(400, f"invalid image: {e}", param=source.param, code="invalid_image") from e
     try:
-      return self._prepare(turns, image)
+      if len(conversation.turns) == 1:
+        example, size = inputs.build_inference_example(
+            image, conversation.turns[0], self.tokenizer, self.config, max_crops=self.max_crops)
+      else:
+        cut = inputs.prepare_images(image, self.config, self.max_crops)
+        example = examples.build_example(conversation.turns, cut, self.tokenizer, self.config,
+                                         for_training=False)
+        size = cut[0].original_size if cut else None
     except ValueError as e:
       raise APIError(400, f"messages: {e}", param="messages") from e
-
-  def _prepare(self, turns: list[str], image: np.ndarray | None) -> PreparedInput:
-    if image is None:
-      example = examples.build_example(turns, None, self.tokenizer, self.config, for_training=False)
-      size, crops = None, 0
-    else:
-      multicrop = image_lib.multicrop_image(image, self.config.preprocess, max_crops=self.max_crops)
-      example = examples.build_example(turns, [multicrop], self.tokenizer, self.config,
-                                       for_training=False)
-      size, crops = multicrop.original_size, example["images"].shape[0]
+    crops = example["images"].shape[0]
     length = len(example["input_ids"])
     # Image requests use the predictor's crop slots (max_crops + 1, so answers equal
     # `Predictor.predict`'s); text-only requests need one (empty) slot.
     slots = self.max_crops + 1 if crops else 1
-    return PreparedInput(example, size, length, bucket_length(length, self.length_bucket), slots)
+    return PreparedInput(example, size, length, inputs.bucket_length(length, self.length_bucket),
+                         slots)
 
   # ---- batches -> tokens ----------------------------------------------------------------------
 

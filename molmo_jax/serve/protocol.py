@@ -11,7 +11,7 @@ counting answer states, else null) and `image_size` ([w, h]); each choice carrie
 
 from __future__ import annotations
 
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field
@@ -56,7 +56,7 @@ class ImagePart(_Strict):
   image_url: ImageURL
 
 
-ContentPart = Union[TextPart, ImagePart]
+ContentPart = Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]
 
 
 class Message(_Strict):
@@ -106,11 +106,20 @@ class ChatCompletionRequest(_Strict):
 
 
 def validation_error(error: pydantic.ValidationError) -> APIError:
-  """The first problem of a failed validation as one 400 naming the field (dotted path)."""
-  first = error.errors()[0]
-  loc = [str(part) for part in first.get("loc", ())
-         if not (isinstance(part, str) and part in ("TextPart", "ImagePart", "str")
-                 or str(part).startswith(("list[", "function-after")))]
+  """The most specific problem of a failed validation as one 400 naming the field (dotted path):
+  an unknown field first, else the deepest location (for `content`, a list of parts is what the
+  client meant when it sent a list)."""
+  first = min(error.errors(), key=lambda e: (e.get("type") != "extra_forbidden", -len(e.get("loc", ()))))
+  loc, drop = [], set()
+  parts = [str(part) for part in first.get("loc", ())]
+  for i, part in enumerate(parts):
+    # Union branch markers are pydantic's, not the client's: "str", "list[...]", and the tag
+    # that follows the list index of a tagged union.
+    if part.startswith("list[tagged-union["):
+      drop.add(i + 2)
+    if i in drop or part == "str" or part.startswith(("list[", "function-after", "tagged-union[")):
+      continue
+    loc.append(part)
   param = ".".join(loc) or None
   kind = first.get("type", "")
   if kind == "extra_forbidden":

@@ -1,9 +1,10 @@
-"""Chat messages -> Molmo conversation turns and one decoded image.
+"""Chat messages -> Molmo conversation turns and the bytes (or file) of at most one image.
 
 Images come as `data:` URLs (base64) or, only when the server was started with a local image
 folder, as file paths / `file://` URLs inside that folder. Nothing is ever fetched over the
-network. Decoding goes through `molmo_jax.preprocess.image_io.load_image` (EXIF orientation,
-strict decompression-bomb limit), so points come back in pixels of the image as the user sees it.
+network. The backend decodes the image with `molmo_jax.preprocess.inputs.load_pixels` (EXIF
+orientation, strict decompression-bomb limit), so points come back in pixels of the image as the
+user sees it.
 
 Molmo has no system prompt: system/developer text is put before the first user turn. Consecutive
 messages of one role are joined with a newline; the conversation must end with a user turn.
@@ -19,18 +20,21 @@ import re
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
-
-from molmo_jax.preprocess import image_io
 from molmo_jax.serve.protocol import APIError, ImagePart, Message, TextPart
 
 _DATA_URL = re.compile(r"data:(?P<mime>[^;,]*)(?P<params>(;[^;,]*)*),(?P<data>.*)", re.DOTALL)
 
 
 @dataclasses.dataclass
+class ImageSource:
+  data: bytes | Path           # the encoded image, or a file inside the allowed folder
+  param: str                   # where it was in the request, e.g. messages.0.content.1.image_url.url
+
+
+@dataclasses.dataclass
 class Conversation:
   turns: list[str]             # user, assistant, user, ... ending with a user turn
-  image: np.ndarray | None     # uint8 [H, W, 3] after EXIF orientation, or None
+  image: ImageSource | None
 
 
 def parse_messages(messages: Sequence[Message], *, local_image_dir: str | os.PathLike | None = None
@@ -51,8 +55,9 @@ def parse_messages(messages: Sequence[Message], *, local_image_dir: str | os.Pat
         if image is not None:
           raise APIError(400, f"{param}.content.{k}: a second image; Molmo answers about one "
                          "image per request (points are relative to it)", param=f"{param}.content.{k}")
-        image = load_image_url(part.image_url.url, param=f"{param}.content.{k}.image_url.url",
-                               local_image_dir=local_image_dir)
+        url_param = f"{param}.content.{k}.image_url.url"
+        image = ImageSource(image_source(part.image_url.url, param=url_param,
+                                         local_image_dir=local_image_dir), url_param)
       else:
         texts.append(part.text)
     text = " ".join(t.strip() for t in texts if t.strip())
@@ -80,21 +85,14 @@ def parse_messages(messages: Sequence[Message], *, local_image_dir: str | os.Pat
   return Conversation([text for _, text in turns], image)
 
 
-def load_image_url(url: str, *, param: str, local_image_dir: str | os.PathLike | None) -> np.ndarray:
-  """Decodes a `data:` URL or, when allowed, a local file; raises APIError 400 otherwise."""
+def image_source(url: str, *, param: str, local_image_dir: str | os.PathLike | None) -> bytes | Path:
+  """The bytes of a `data:` URL or, when allowed, a local file path; APIError 400 otherwise."""
   if url.startswith("data:"):
-    data, label = _data_url_bytes(url, param), f"{param} (data: URL)"
-    source = data
-  elif re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", url) and not url.startswith("file://"):
+    return _data_url_bytes(url, param)
+  if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", url) and not url.startswith("file://"):
     raise APIError(400, f"{param}: this server never fetches images over the network; send the "
                    "image inline as a data: URL (base64)", param=param, code="unsupported_image_url")
-  else:
-    source = _local_path(url, param, local_image_dir)
-    label = f"{param} ({source})"
-  try:
-    return image_io.load_image(source, name=label)
-  except image_io.ImageLoadError as e:
-    raise APIError(400, f"invalid image: {e}", param=param, code="invalid_image") from e
+  return _local_path(url, param, local_image_dir)
 
 
 def _data_url_bytes(url: str, param: str) -> bytes:
