@@ -43,8 +43,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens accepted")
   p.add_argument("--max-body-mb", type=float, default=20.0, help="largest request body")
   p.add_argument("--max-image-pixels", type=int, default=None,
-                 help="images with more pixels are refused as decompression bombs "
-                      "(default: Pillow's limit, about 89 million)")
+                 help="images with more pixels are refused as decompression bombs (default: "
+                      "Pillow's limit, about 89 million, or MOLMO_JAX_MAX_IMAGE_PIXELS)")
   p.add_argument("--local-images", default=None, metavar="DIR",
                  help="also accept image paths / file:// URLs inside DIR (off by default)")
   p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -53,8 +53,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.error(f"--checkpoint {args.checkpoint}: not a model directory (no config.json)")
   if args.local_images is not None and not Path(args.local_images).is_dir():
     p.error(f"--local-images {args.local_images}: no such directory")
-  for name in ("port", "max_batch", "queue_size", "default_max_tokens", "max_tokens_limit"):
-    if getattr(args, name) < 1:
+  for name in ("port", "max_batch", "queue_size", "default_max_tokens", "max_tokens_limit",
+               "max_image_pixels"):
+    if getattr(args, name) is not None and getattr(args, name) < 1:
       p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
   for name in ("request_timeout", "max_body_mb"):
     if not getattr(args, name) > 0:
@@ -79,10 +80,9 @@ def main(argv=None) -> int:
   except ImportError as e:
     raise errors.UserError("python -m molmo_jax.serve", f"{e.name} is not installed (pip install "
                            "-e '.[serve]')") from e
-  from PIL import Image
-
   from molmo_jax import sharding
   from molmo_jax.predictor import Predictor
+  from molmo_jax.preprocess import image_io
   from molmo_jax.serve.app import ServeSettings, create_app
   from molmo_jax.serve.backend import ModelBackend
   from molmo_jax.serve.engine import BatchingEngine
@@ -90,7 +90,7 @@ def main(argv=None) -> int:
   _check_can_listen(args.host, args.port)   # before loading a model that may take minutes
   logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   if args.max_image_pixels is not None:
-    Image.MAX_IMAGE_PIXELS = args.max_image_pixels
+    image_io.set_max_image_pixels(args.max_image_pixels)
   try:
     mesh = sharding.mesh_from_spec(args.mesh) if args.mesh else None
   except ValueError as e:
