@@ -10,8 +10,12 @@ tokenizer) is written to a temporary folder. Every level sends a fixed list of i
 subprocess and is terminated at the end. Prints a table (requests/s, tokens/s, p50/p99 latency,
 errors, throughput relative to serial) and writes benchmarks/results/serve.json.
 
-Timings depend on what else runs on the machine: the load average before and after each run is
-recorded next to the numbers.
+Wall-clock numbers depend on what else runs on the machine (the load average before and after
+each run is recorded). The CPU columns do not: "CPU ms/req" is the CPU time the serving process
+used per answered request (the benchmark process itself for the serial run, the server process
+read from /proc for the levels; the client's own CPU is reported apart), and "x serial (CPU)" is
+serial CPU per request over the server's, i.e. the throughput ratio on an otherwise idle machine
+with the same cores.
 """
 
 from __future__ import annotations
@@ -80,9 +84,16 @@ def make_requests(n: int) -> list[tuple[np.ndarray, str, str]]:
   return out
 
 
-def summarise(latencies: list[float], tokens: int, errors: int, wall: float) -> dict:
+def process_cpu_seconds(pid: int) -> float:
+  """User + system CPU time of a process (all its threads) from /proc."""
+  fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+  return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def summarise(latencies: list[float], tokens: int, errors: int, wall: float, cpu: float) -> dict:
   lat = np.asarray(latencies) if latencies else np.zeros(1)
   return {"requests": len(latencies), "errors": errors, "wall_s": round(wall, 3),
+          "cpu_s": round(cpu, 3), "cpu_ms_per_request": round(1000 * cpu / max(1, len(latencies)), 2),
           "requests_per_s": round(len(latencies) / wall, 3), "tokens_per_s": round(tokens / wall, 2),
           "p50_latency_s": round(float(np.percentile(lat, 50)), 4),
           "p99_latency_s": round(float(np.percentile(lat, 99)), 4), "completion_tokens": tokens}
@@ -96,7 +107,7 @@ def run_serial(checkpoint: Path, requests, max_tokens: int, duration: float) -> 
   for image, prompt, _ in requests[:3]:   # compile every image-size bucket first
     predictor.predict([image], [prompt], sampling=sampling)
   latencies, tokens = [], 0
-  start = time.perf_counter()
+  start, cpu_start = time.perf_counter(), time.process_time()
   for image, prompt, _ in requests:
     t = time.perf_counter()
     pred = predictor.predict([image], [prompt], sampling=sampling)[0]
@@ -104,15 +115,16 @@ def run_serial(checkpoint: Path, requests, max_tokens: int, duration: float) -> 
     tokens += len(pred.tokens)
     if time.perf_counter() - start > duration:
       break
-  return summarise(latencies, tokens, 0, time.perf_counter() - start)
+  return summarise(latencies, tokens, 0, time.perf_counter() - start,
+                   time.process_time() - cpu_start)
 
 
 async def run_clients(base: str, requests, clients: int, max_tokens: int, total: int,
-                      duration: float) -> dict:
+                      duration: float, server_pid: int) -> dict:
   import httpx
   latencies, errors, tokens = [], 0, 0
   queue = list(range(total))
-  start = time.perf_counter()
+  start, server_cpu, client_cpu = time.perf_counter(), process_cpu_seconds(server_pid), time.process_time()
 
   async def client(http):
     nonlocal errors, tokens
@@ -136,7 +148,10 @@ async def run_clients(base: str, requests, clients: int, max_tokens: int, total:
   limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
   async with httpx.AsyncClient(timeout=max(duration, 60), limits=limits) as http:
     await asyncio.gather(*(client(http) for _ in range(clients)))
-  return summarise(latencies, tokens, errors, time.perf_counter() - start)
+  row = summarise(latencies, tokens, errors, time.perf_counter() - start,
+                  process_cpu_seconds(server_pid) - server_cpu)
+  row["client_cpu_s"] = round(time.process_time() - client_cpu, 3)
+  return row
 
 
 def wait_for_server(base: str, process: subprocess.Popen, timeout: float = 600) -> None:
@@ -177,13 +192,14 @@ def main(argv=None) -> int:
     try:
       wait_for_server(base, server)
       for clients in levels:   # warm-up: compile the batch shapes this level uses
-        asyncio.run(run_clients(base, requests, clients, args.max_tokens, 2 * clients, 600))
+        asyncio.run(run_clients(base, requests, clients, args.max_tokens, 2 * clients, 600, server.pid))
       for clients in levels:
         load_before = os.getloadavg()[0]
         row = asyncio.run(run_clients(base, requests, clients, args.max_tokens, args.requests,
-                                      args.duration))
+                                      args.duration, server.pid))
         row["load_average"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
         row["vs_serial"] = round(row["requests_per_s"] / serial["requests_per_s"], 2)
+        row["vs_serial_cpu"] = round(serial["cpu_ms_per_request"] / row["cpu_ms_per_request"], 2)
         results[clients] = row
         print(f"{clients} clients: {row['requests_per_s']:.2f} requests/s", flush=True)
     finally:
@@ -193,18 +209,20 @@ def main(argv=None) -> int:
       except subprocess.TimeoutExpired:
         server.kill()
 
-  header = f"{'run':<22}{'req/s':>8}{'tok/s':>9}{'p50 s':>8}{'p99 s':>8}{'errors':>8}{'x serial':>10}{'load':>12}"
+  header = (f"{'run':<22}{'req/s':>8}{'tok/s':>9}{'p50 s':>8}{'p99 s':>8}{'errors':>8}{'x serial':>10}"
+            f"{'CPU ms/req':>12}{'x serial (CPU)':>16}{'load':>12}")
   print(header)
   print("-" * len(header))
 
-  def line(name, row, ratio):
+  def line(name, row, ratio, cpu_ratio):
     load = "/".join(f"{v:.1f}" for v in row["load_average"])
     print(f"{name:<22}{row['requests_per_s']:>8.2f}{row['tokens_per_s']:>9.1f}{row['p50_latency_s']:>8.3f}"
-          f"{row['p99_latency_s']:>8.3f}{row['errors']:>8d}{ratio:>10.2f}{load:>12}")
+          f"{row['p99_latency_s']:>8.3f}{row['errors']:>8d}{ratio:>10.2f}{row['cpu_ms_per_request']:>12.1f}"
+          f"{cpu_ratio:>16.2f}{load:>12}")
 
-  line("Predictor, serial", serial, 1.0)
+  line("Predictor, serial", serial, 1.0, 1.0)
   for clients, row in results.items():
-    line(f"server, {clients} clients", row, row["vs_serial"])
+    line(f"server, {clients} clients", row, row["vs_serial"], row["vs_serial_cpu"])
   out = Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(json.dumps({
@@ -212,7 +230,9 @@ def main(argv=None) -> int:
       "max_tokens": args.max_tokens, "requests_per_level": args.requests,
       "cpu_count": os.cpu_count(), "serial": serial,
       "server": {str(k): v for k, v in results.items()},
-      "note": "load_average = 1-minute load before/after the run; other processes share the CPU"},
+      "note": ("load_average = 1-minute load before/after the run; other processes share the "
+               "CPU. cpu_ms_per_request: CPU time of the serving process (serial: this process) "
+               "per answered request; vs_serial_cpu = serial's over the server's")},
       indent=2) + "\n")
   print(f"wrote {out}")
   return 0

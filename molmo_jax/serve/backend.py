@@ -11,6 +11,7 @@ Legend: B batch rows (bucketed), T prompt length (bucketed), M crop slots, S = T
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
@@ -139,7 +140,6 @@ class _ModelRun:
 
   def _context(self):
     if self.backend.mesh is None:
-      import contextlib
       return contextlib.nullcontext()
     return sharding.activate(self.backend.mesh)
 

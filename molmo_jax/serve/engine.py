@@ -291,7 +291,7 @@ class BatchingEngine:
     done = np.ones(rows, bool)
     done[:n] = False
     texts = [_RowText(tokenizer, job.stop) for job in jobs]
-    for index in range(steps):
+    for _ in range(steps):
       now = time.monotonic()
       for row, job in enumerate(jobs):
         if done[row]:
@@ -306,6 +306,7 @@ class BatchingEngine:
       if done.all():
         break
       tokens = run.step(done.copy())
+      self.stats["decode_steps"] += 1
       for row, job in enumerate(jobs):
         if done[row]:
           continue
@@ -319,7 +320,6 @@ class BatchingEngine:
         elif len(texts[row].tokens) >= job.max_tokens:
           self._finish(job, texts[row], "length")
           done[row] = True
-    self.stats["decode_steps"] += run_steps(run)
     _log.debug("batch of %d (%d rows, %d steps) in %.3f s", n, rows, steps, time.monotonic() - started)
 
   def _finish(self, job: Job, text: _RowText, reason: str) -> None:
@@ -347,6 +347,3 @@ def stated_count(answer: str) -> int | None:
   normalised = answer.strip().lower().rstrip(".").strip()
   return parse_count(answer) if _COUNT_FORMS.fullmatch(normalised) else None
 
-
-def run_steps(run: Any) -> int:
-  return int(getattr(run, "index", 0))
