@@ -116,9 +116,16 @@ def root_cause(exc: BaseException) -> BaseException:
 
 
 def _storage_os_error(exc: BaseException) -> OSError | None:
-  for e in _chain(exc):
+  """The OSError of a failing file system in the chain; tensorstore reports them as ValueErrors
+  whose message carries the strerror text, which is recognised too."""
+  chain = _chain(exc)
+  for e in chain:
     if isinstance(e, OSError) and not isinstance(e, ToolError) and e.errno in _STORAGE_ERRNOS:
       return e
+  for e in chain:
+    for code in _STORAGE_ERRNOS:
+      if os.strerror(code) in str(e):
+        return OSError(code, f"{os.strerror(code)} ({_first_line(str(e))})")
   return None
 
 
@@ -168,6 +175,30 @@ def classify(exc: BaseException) -> tuple[int, str]:
     return EXIT_USAGE, _first_line(str(exc))
   return EXIT_INTERNAL, f"internal error ({type(exc).__name__}: {_first_line(str(exc))}); " \
                         "this is a bug, please report it with the traceback below"
+
+
+def looks_like_bad_data(exc: BaseException) -> bool:
+  """Whether an exception chain reports unreadable stored bytes (tensorstore / zarr / orbax)."""
+  return any(marker.lower() in str(e).lower() for e in _chain(exc) for marker in _CORRUPT_MARKERS)
+
+
+def unreadable_data(where: str, exc: BaseException) -> ToolError:
+  """The error to raise when reading a checkpoint failed: storage (root cause first) when the
+  file system failed or the bytes are bad, else the user error already in the chain."""
+  for e in _chain(exc):
+    if isinstance(e, ToolError):
+      return e
+  storage = _storage_os_error(exc)
+  if storage is not None:
+    return StorageError(where, _os_error_line(storage), "check the disk and permissions")
+  messages = [e for e in _chain(exc) if any(m.lower() in str(e).lower() for m in _CORRUPT_MARKERS)]
+  cause = messages[-1] if messages else root_cause(exc)
+  why = _first_line(str(cause)) or type(cause).__name__
+  if isinstance(cause, FileNotFoundError):
+    return StorageError(where, f"checkpoint file missing: {_os_error_line(cause)}",
+                        "the checkpoint is incomplete; copy or convert it again")
+  return StorageError(where, f"checkpoint data unreadable: {why}",
+                      "the files are truncated or corrupt; copy or convert the checkpoint again")
 
 
 def debug_requested(argv: Sequence[str] | None = None) -> bool:

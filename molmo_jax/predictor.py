@@ -21,6 +21,7 @@ import numpy as np
 
 from molmo_jax import sharding
 from molmo_jax.config import MolmoConfig
+from molmo_jax.errors import UserError
 from molmo_jax.generate import GenerationOutput, SamplingConfig, generate
 from molmo_jax.models.molmo import Molmo, abstract_params
 from molmo_jax.preprocess import inputs, points as points_lib
@@ -50,6 +51,33 @@ class Prediction:
 def apply_stop_strings(text: str, stop: Sequence[str]) -> tuple[str, bool]:
   cut = min((text.find(s) for s in stop if s and s in text), default=-1)
   return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def _label(image: Any, index: int) -> str:
+  return f"prompt {index} (image {image})" if isinstance(image, (str, os.PathLike)) else f"prompt {index}"
+
+
+def fit_context(prompt_lengths: Sequence[int], max_new_tokens: int, limit: int,
+                shorten: bool = False, labels: Sequence[str] | None = None) -> int:
+  """max_new_tokens to generate with, checked against the model's position limit.
+
+  Every position (prompt tokens, image tokens included, then each new token) must be below
+  `limit`. Refuses with a UserError naming the longest prompt, or with `shorten` returns the
+  largest max_new_tokens that fits (a prompt that alone fills the context is still refused).
+  """
+  if max_new_tokens < 1:
+    raise UserError("max_new_tokens", f"expected >= 1, got {max_new_tokens}")
+  longest = max(range(len(prompt_lengths)), key=lambda i: prompt_lengths[i])
+  length = prompt_lengths[longest]
+  label = labels[longest] if labels else f"prompt {longest}"
+  if length + max_new_tokens <= limit:
+    return max_new_tokens
+  if shorten and length < limit:
+    return limit - length
+  raise UserError(label, f"{length} tokens (text and image) + max_new_tokens {max_new_tokens} = "
+                  f"{length + max_new_tokens} exceeds the model's {limit} positions",
+                  "shorten the prompt, use fewer crops or fewer new tokens"
+                  + ("" if length >= limit else ", or allow shortening the answer to fit"))
 
 
 class Predictor:
@@ -105,13 +133,22 @@ class Predictor:
 
   def predict(self, images: Sequence[Any], prompts: Sequence[str], *,
               sampling: SamplingConfig | None = None, style: str | None = None,
-              stop_strings: Sequence[str] = (), seed: int = 0) -> list[Prediction]:
-    """One batch: images[i] (path, bytes, PIL, array, a list of those, or None) with prompts[i]."""
+              stop_strings: Sequence[str] = (), seed: int = 0,
+              shorten_to_fit: bool = False) -> list[Prediction]:
+    """One batch: images[i] (path, bytes, PIL, array, a list of those, or None) with prompts[i].
+
+    A prompt (text + image tokens) plus max_new_tokens beyond the model's position limit
+    (llm.rope_max_length) is refused with a UserError before anything is compiled, unless
+    `shorten_to_fit` lowers max_new_tokens for this batch to what fits.
+    """
     if len(images) != len(prompts):
       raise ValueError(f"predict: {len(images)} images but {len(prompts)} prompts")
     sampling = sampling or SamplingConfig()
     sampling = dataclasses.replace(sampling, eos_id=self.tokenizer.eos_id)
     batch = self.batch(images, prompts, style=style)
+    max_new = fit_context(batch.lengths, sampling.max_new_tokens, self.config.llm.rope_max_length,
+                          shorten_to_fit, labels=[_label(img, i) for i, img in enumerate(images)])
+    sampling = dataclasses.replace(sampling, max_new_tokens=max_new)
     out = self._generate(batch.arrays, sampling, seed)
     preds = []
     for i, size in enumerate(batch.image_sizes):

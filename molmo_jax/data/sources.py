@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import Any, Mapping
 
@@ -77,8 +78,11 @@ def _describe(value: Any) -> str:
 
 
 def _check_weight(value: Any, where: str) -> float:
-  if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-    raise RecordError(f"{where}.weight: expected a positive number, got {_describe(value)}")
+  # JSON's 1e400 reads as inf and NaN as nan: both would end a run later as a "NaN loss".
+  if (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0
+      or not math.isfinite(value)):
+    raise RecordError(f"{where}.weight: expected a finite positive number, got "
+                      f"{_describe(value)}")
   return float(value)
 
 
@@ -194,6 +198,9 @@ class JsonlSource:
     except (TypeError, ValueError):
       raise RecordError(f"{where}: field points: expected a list of [x, y] pairs, got "
                         f"{_describe(raw['points'])}") from None
+    if not np.isfinite(points).all():
+      raise RecordError(f"{where}: field points: expected finite numbers, got "
+                        f"{_describe(raw['points'])}")
     if units == "percent" and (points.min(initial=0) < 0 or points.max(initial=0) > 100):
       raise RecordError(f"{where}: field points: percent coordinates must lie in [0, 100]")
     if units == "pixels" and record["image"] is None:
@@ -204,6 +211,10 @@ class JsonlSource:
 
   def __len__(self) -> int:
     return len(self._records)
+
+  def where(self, index: int) -> str:
+    """`file:line` of record `index` (how errors about it are reported)."""
+    return f"{self.path}:{self._lines[_check_index(index, len(self))]}"
 
   def __getitem__(self, index) -> dict[str, Any]:
     index = _check_index(index, len(self))

@@ -35,6 +35,33 @@ SUPPORTED_MODES = _PLAIN_MODES | _ALPHA_MODES | _PREMULTIPLIED_MODES | _SIXTEEN_
 ALPHA_MODES = ("drop", "composite")
 
 
+# Pillow's decompression-bomb limit, raised (or lifted with 0) by the tools' --max-image-pixels
+# flag or the MOLMO_JAX_MAX_IMAGE_PIXELS environment variable (for train.py's data loaders).
+DEFAULT_MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS
+MAX_PIXELS_ENV = "MOLMO_JAX_MAX_IMAGE_PIXELS"
+
+
+def set_max_image_pixels(limit: int | None) -> None:
+  """Sets PIL.Image.MAX_IMAGE_PIXELS for this process (None or 0: no limit)."""
+  if limit is not None and int(limit) < 0:
+    raise ValueError(f"max image pixels: expected >= 0, got {limit}")
+  Image.MAX_IMAGE_PIXELS = int(limit) if limit else None
+
+
+def _limit_from_environment() -> None:
+  text = os.environ.get(MAX_PIXELS_ENV, "").strip()
+  if not text:
+    return
+  try:
+    set_max_image_pixels(int(text))
+  except ValueError:
+    raise ValueError(f"{MAX_PIXELS_ENV}={text!r}: expected a pixel count >= 0 (0 = no limit)"
+                     ) from None
+
+
+_limit_from_environment()
+
+
 class ImageLoadError(ValueError):
   """An image could not be turned into RGB pixels; the message names the source."""
 
@@ -138,7 +165,8 @@ def _open_and_convert(open_image, label: str, how: _AlphaHandling | None) -> Any
   try:
     image = open_image()
   except Image.DecompressionBombError as e:
-    raise ImageLoadError(f"{label}: refused as a decompression bomb ({e})") from e
+    raise ImageLoadError(f"{label}: refused as a decompression bomb ({e}; raise the limit with "
+                         f"--max-image-pixels or {MAX_PIXELS_ENV} if the file is trusted)") from e
   except (OSError, SyntaxError, ValueError, EOFError) as e:
     raise ImageLoadError(f"{label}: cannot decode image ({type(e).__name__}: {e})") from e
   with image:   # closes the file of multi-frame images too
@@ -169,7 +197,8 @@ def _check_size(image: Image.Image, label: str) -> None:
   if limit is not None and width * height > limit:
     raise ImageLoadError(
         f"{label}: {width}x{height} = {width * height} pixels exceeds PIL.Image.MAX_IMAGE_PIXELS "
-        f"= {limit} (possible decompression bomb)")
+        f"= {limit} (possible decompression bomb; raise the limit with --max-image-pixels or "
+        f"{MAX_PIXELS_ENV} if the file is trusted)")
 
 
 def _apply_exif_orientation(image: Image.Image) -> Image.Image:

@@ -33,6 +33,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from molmo_jax import errors
 from molmo_jax.config import MolmoConfig
 from molmo_jax.output_dirs import staged_directory
 from molmo_jax.training.optimizer import path_name
@@ -114,7 +115,10 @@ def check_tree_matches(stored: Any, expected: Any, where: str) -> None:
 
 
 def _check_stored_tree(directory: Path, target: Any, where: str) -> None:
-  stored = ocp.StandardCheckpointHandler().metadata(epath.Path(directory)).tree
+  try:
+    stored = ocp.StandardCheckpointHandler().metadata(epath.Path(directory)).tree
+  except Exception as e:  # noqa: BLE001 - any failure to read _METADATA is unreadable storage
+    raise errors.unreadable_data(where, e) from e
   check_tree_matches(stored, target, where)
 
 
@@ -122,7 +126,10 @@ def _restore_pytree(directory: Path, target: Any, where: str) -> Any:
   if target is not None:
     _check_stored_tree(directory, target, where)
   handler = ocp.StandardCheckpointHandler()
-  return handler.restore(epath.Path(directory), args=ocp.args.StandardRestore(target))
+  try:
+    return handler.restore(epath.Path(directory), args=ocp.args.StandardRestore(target))
+  except Exception as e:  # noqa: BLE001 - the tree matched, so a failure here is the stored bytes
+    raise errors.unreadable_data(where, e) from e
 
 
 # ------------------------------------------------------------------------------------------
@@ -217,11 +224,18 @@ class TrainCheckpointer:
     if abstract_state.get("params") is not None:
       _check_stored_tree(step_dir / "params", abstract_state["params"], f"checkpoint step {step}")
 
-    restored = self._manager.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(abstract_state.get("params")),
-        opt_state=ocp.args.StandardRestore(abstract_state.get("opt_state")),
-        meta=ocp.args.JsonRestore(),
-    ))
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(
+          params=ocp.args.StandardRestore(abstract_state.get("params")),
+          opt_state=ocp.args.StandardRestore(abstract_state.get("opt_state")),
+          meta=ocp.args.JsonRestore(),
+      ))
+    except (ValueError, TypeError) as e:
+      if errors.looks_like_bad_data(e):
+        raise errors.unreadable_data(f"checkpoint {step_dir}", e) from e
+      raise
+    except OSError as e:
+      raise errors.unreadable_data(f"checkpoint {step_dir}", e) from e
     meta = restored.meta
     return {
         "params": restored.params,
