@@ -236,13 +236,16 @@ def run_main(main: Callable[[list[str]], int | None], argv: Sequence[str] | None
   """
   argv = list(sys.argv[1:] if argv is None else argv)
   debug = debug_requested(argv)
-  quiet = _QuietLibraryErrors()
-  if not debug:
-    # Orbax logs a failing background write with its traceback (through absl), and tensorstore's
-    # callbacks print "Event loop is closed" once orbax's loop is gone, before the exception
-    # reaches us; the one-line report below says the same, root cause first.
-    logging.getLogger("absl").addFilter(quiet)
-    # (kept after returning: the callbacks may still fire while the process exits)
+  # Orbax logs a failing background write with its traceback (through absl), asyncio logs its
+  # failed tasks ("Task exception was never retrieved"), and tensorstore's callbacks print
+  # "Event loop is closed" once orbax's loop is gone: all repeat the exception the one-line report
+  # states, root cause first. Without --debug they are hidden, also while the process exits.
+  for name, quiet in _QUIET.items():
+    if debug:
+      logging.getLogger(name).removeFilter(quiet)
+    else:
+      logging.getLogger(name).addFilter(quiet)
+  if not debug and not getattr(sys.excepthook, "_molmo_quiet", False):
     sys.excepthook = _skip_closed_loop(sys.excepthook)
     sys.unraisablehook = _skip_closed_loop_unraisable(sys.unraisablehook)
   try:
@@ -254,8 +257,6 @@ def run_main(main: Callable[[list[str]], int | None], argv: Sequence[str] | None
     return EXIT_USAGE
   except BaseException as e:  # noqa: BLE001 - this is the one place errors become exit codes
     code = report(e, debug)
-  finally:
-    logging.getLogger("absl").removeFilter(quiet)
   sys.stdout.flush()
   return 0 if code is None else int(code)
 
@@ -268,6 +269,7 @@ def _skip_closed_loop(hook):
   def excepthook(kind, value, tb):
     if not _is_closed_loop(value):
       hook(kind, value, tb)
+  excepthook._molmo_quiet = True
   return excepthook
 
 
@@ -283,6 +285,21 @@ class _QuietLibraryErrors(logging.Filter):
 
   def filter(self, record: logging.LogRecord) -> bool:
     return record.levelno < logging.ERROR
+
+
+class _QuietStorageTasks(logging.Filter):
+  """Drops asyncio's reports of failed checkpoint-I/O tasks (other asyncio errors stay)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.levelno < logging.ERROR:
+      return True
+    exc = record.exc_info[1] if record.exc_info else None
+    text = f"{record.getMessage()} {exc or ''}"
+    storage = any(os.strerror(code) in text for code in _STORAGE_ERRNOS)
+    return not (storage or any(marker in text for marker in _TENSORSTORE_MARKERS + ("Error writing",)))
+
+
+_QUIET = {"absl": _QuietLibraryErrors(), "asyncio": _QuietStorageTasks()}
 
 
 class ArgumentParser(argparse.ArgumentParser):
