@@ -174,9 +174,12 @@ def classify(exc: BaseException) -> tuple[int, str]:
     return EXIT_USAGE, _os_error_line(exc) if exc.filename else _first_line(str(exc))
   if isinstance(exc, OSError):
     return EXIT_STORAGE, _os_error_line(exc)
-  if isinstance(exc, (ValueError, KeyError)) and not isinstance(exc, UnicodeError):
+  # A bare KeyError('name') is a bug; one with a sentence describes bad data.
+  described_key = (isinstance(exc, KeyError) and exc.args and isinstance(exc.args[0], str)
+                   and " " in exc.args[0])
+  if (isinstance(exc, ValueError) and not isinstance(exc, UnicodeError)) or described_key:
     # The library's convention: ValueError names the field / file and what was expected.
-    message = _first_line(exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc))
+    message = _first_line(exc.args[0] if described_key else str(exc))
     return EXIT_USAGE, message or type(exc).__name__
   if isinstance(exc, UnicodeError):
     return EXIT_USAGE, _first_line(str(exc))
