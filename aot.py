@@ -10,22 +10,23 @@ analytic floor (16 bytes of state per parameter / chips + the activations the re
 keeps), the collective bytes per step by kind parsed from the compiled HLO next to the FSDP
 minimum, the analytic model FLOPs per step and the parameter sharding per PartitionSpec.
 --remat-sweep compiles once per policy and ends with a table of them (the JSON is then a list).
-Exit status 0 when the step fits, 3 when XLA reports it does not fit in HBM, 2 for usage errors.
+Exit status 0 when the step fits, 3 when XLA reports it does not fit in HBM, 2 for usage errors
+(libtpu missing included).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
+
+from molmo_jax import errors
 
 
 def main(argv=None) -> int:
   import train as train_cli
   from molmo_jax.training import aot
 
-  p = argparse.ArgumentParser(prog="python aot.py", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = errors.ArgumentParser(prog="python aot.py", description=__doc__)
   p.add_argument("--config", required=True, help="config file[:arg] as for train.py")
   p.add_argument("--topology", required=True, help="e.g. v5p:8x8x4, v6e:16x16, v4:4x4x4, v5e:8x8")
   p.add_argument("--json", default=None, help="write the report as JSON here")
@@ -47,9 +48,11 @@ def main(argv=None) -> int:
     if unknown:
       raise ValueError(f"--remat-sweep: unknown policy {unknown}; expected none or one of "
                        f"{sorted(REMAT_POLICIES)}")
+    if args.json:
+      errors.writable_output(args.json, "--json")
   except (train_cli.UsageError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
-    return 2
+    return errors.EXIT_USAGE
   if policies:
     return _sweep(config, args, policies)
   report = aot.compile_train_step(config, args.topology)
@@ -60,9 +63,9 @@ def main(argv=None) -> int:
     shown = paths if args.show_sharding else paths[:3] + (["..."] if len(paths) > 3 else [])
     print(f"    {spec}: {len(paths)} -> {', '.join(shown)}")
   if args.json:
-    with open(args.json, "w") as f:
+    with open(args.json, "w") as f:   # its folder was checked before compiling
       json.dump(report.to_json(), f, indent=2)
-  return 0 if report.fits else 3
+  return 0 if report.fits else errors.EXIT_DOES_NOT_FIT
 
 
 def _sweep(config, args, policies) -> int:
@@ -83,10 +86,10 @@ def _sweep(config, args, policies) -> int:
     print(f"| {policy} | {total} | {frac} | {gib((r.floor_bytes or {}).get('total'))} | "
           f"{'yes' if r.fits else 'no'} |")
   if args.json:
-    with open(args.json, "w") as f:
+    with open(args.json, "w") as f:   # its folder was checked before compiling
       json.dump([r.to_json() for r in reports], f, indent=2)
-  return 0 if any(r.fits for r in reports) else 3
+  return 0 if any(r.fits for r in reports) else errors.EXIT_DOES_NOT_FIT
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(errors.run_main(main))
