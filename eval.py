@@ -3,7 +3,7 @@
   python eval.py --checkpoint ckpt/molmo-7b-d --task chartqa --data data/chartqa --output out/
   python eval.py --checkpoint ckpt/molmo-7b-d --task all --data data/ --output out/
 
---task NAME     one task of molmo_jax.evals.tasks.TASKS, or `all` for the 11 academic benchmarks
+--task NAME     a registered task (molmo_jax.evals.tasks.TASKS), or `all` for the 11 academic benchmarks
                 (then --data holds one subfolder per task: data/ai2d, data/chartqa, ...)
 --data PATH     the dataset as downloaded (see docs/evaluation.md); not needed for synthetic_*
 --limit N       only the first N rows (the number of examples for synthetic tasks)
@@ -41,6 +41,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--seed", type=int, default=0, help="synthetic tasks: the data seed")
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
   p.add_argument("--json", action="store_true", help="print the metrics as JSON too")
+  p.add_argument("--plugins", default="molmo_jax.evals.synthetic_tasks",
+                 help="comma-separated modules to import first; they register more tasks "
+                      "(default: the demo's synthetic_count / synthetic_points)")
   args = p.parse_args(argv)
   if args.limit is not None and args.limit < 1:
     p.error(f"--limit must be positive, got {args.limit}")
@@ -54,7 +57,13 @@ def main(argv=None) -> int:
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
   from molmo_jax.evals import runner, tasks
   from molmo_jax.evals.readers import DataError
+  from molmo_jax.registry import import_plugins
 
+  try:
+    import_plugins(args.plugins, "--plugins")
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   names = list(tasks.ACADEMIC_TASKS) if args.task == "all" else [args.task]
   try:
     for name in names:
@@ -83,7 +92,7 @@ def main(argv=None) -> int:
         from pathlib import Path
         (Path(args.output) / "summary.json").write_text(json.dumps(suite, indent=2) + "\n")
     else:
-      task_options = {"seed": args.seed} if args.task in tasks.SYNTHETIC_TASKS else None
+      task_options = {"seed": args.seed} if "seed" in tasks.get_task(args.task).options else None
       results = [runner.evaluate(predictor, args.task, data=args.data, task_options=task_options,
                                  **options)]
       average, missing = None, []

@@ -78,7 +78,7 @@ def get_config(arg: str | None = None):
     raise ValueError(f"finetune_multitask: model {args['model']!r} unknown; expected one of {MODELS}")
   c = base_config()
   c.model.name = args["model"]
-  c.model.llm = dict(residual_dropout=0.1, response_residual_dropout=0.0)
+  c.model.llm.update(residual_dropout=0.1, response_residual_dropout=0.0)
   c.total_steps = 30_000
   c.optimizer.connector = dict(learning_rate=5e-6, warmup_steps=200)
   c.optimizer.vit = dict(learning_rate=5e-6, warmup_steps=200)

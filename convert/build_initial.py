@@ -35,8 +35,7 @@ from convert import hf_components as hfc
 from molmo_jax import config as C
 from molmo_jax.models.connector import Connector
 from molmo_jax.models.molmo import Molmo
-from molmo_jax.training.checkpoint import check_tree_matches, save_model_checkpoint
-from molmo_jax.training.optimizer import path_name
+from molmo_jax.model_dir import check_tree_matches, path_name, save_model_checkpoint
 
 INIT_STD = 0.02
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",

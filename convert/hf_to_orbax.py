@@ -14,7 +14,7 @@ not the model.
 
 The model directory is assembled in a hidden sibling and renamed at the end, so a failed or
 killed conversion leaves nothing that looks like a checkpoint. Its layout is the one
-`molmo_jax.training.checkpoint.load_model_checkpoint` reads: `params/` is a standard Orbax PyTree
+`molmo_jax.model_dir.load_model_checkpoint` reads: `params/` is a standard Orbax PyTree
 checkpoint (OCDBT, zarr) whose leaves are recorded as numpy arrays, with one zarr chunk per block.
 """
 
@@ -44,7 +44,7 @@ from convert.release_tables import (COPY, Rule, check_rules_match, hf_tensor_sha
                                     rules_for, to_ours, transpose)
 from convert.safetensors_io import INDEX_FILE, SafetensorsDir
 from molmo_jax.config import MolmoConfig
-from molmo_jax.training.checkpoint import staged_directory
+from molmo_jax.model_dir import staged_directory
 
 DEFAULT_BLOCK_BYTES = 64 * 2**20     # row blocks of large tables; also the in-flight write budget
 FLOAT_CODES = ("F32", "BF16", "F16")

@@ -27,7 +27,7 @@ import tensorstore as ts
 
 from convert import release_config
 from convert.hf_to_orbax import DEFAULT_BLOCK_BYTES, OUT_DTYPES, model_leaf_shapes
-from molmo_jax.training.checkpoint import staged_directory
+from molmo_jax.model_dir import staged_directory
 from convert.release_tables import COPY, Rule, fused_groups, row_splittable, rules_for, to_hf, transpose
 from convert.safetensors_io import DEFAULT_MAX_SHARD_BYTES, TensorSpec, write_sharded
 from molmo_jax.config import MolmoConfig

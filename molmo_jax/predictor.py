@@ -53,7 +53,7 @@ def apply_stop_strings(text: str, stop: Sequence[str]) -> tuple[str, bool]:
 
 
 class Predictor:
-  """Generation front end over a model directory (see molmo_jax.training.checkpoint)."""
+  """Generation front end over a model directory (see molmo_jax.model_dir)."""
 
   def __init__(self, config: MolmoConfig, params: Any, tokenizer: MolmoTokenizer, *,
                mesh: jax.sharding.Mesh | None = None, max_crops: int | None = None,
@@ -72,7 +72,7 @@ class Predictor:
                       ) -> "Predictor":
     """Loads params, config and tokenizer; `dtype` ("bfloat16"/"float32") overrides compute and
     parameter dtype; with `mesh` the params are restored directly into their shardings."""
-    from molmo_jax.training.checkpoint import load_model_checkpoint
+    from molmo_jax.model_dir import load_model_checkpoint
     config_path = Path(directory) / "config.json"
     if not config_path.is_file():
       raise FileNotFoundError(f"{directory}: no config.json; not a model directory")

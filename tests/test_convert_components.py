@@ -22,8 +22,7 @@ from convert import build_initial as bi  # noqa: E402
 from convert import hf_components as hfc  # noqa: E402
 from molmo_jax import config as C  # noqa: E402
 from molmo_jax.models.molmo import Molmo  # noqa: E402
-from molmo_jax.training.checkpoint import load_model_checkpoint  # noqa: E402
-from molmo_jax.training.optimizer import path_name  # noqa: E402
+from molmo_jax.model_dir import load_model_checkpoint, path_name  # noqa: E402
 
 
 def qwen2_model(layers: int = 2, seed: int = 0):

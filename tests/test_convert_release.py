@@ -28,7 +28,7 @@ from convert.hf_to_orbax import convert_hf_to_orbax
 from convert.orbax_to_hf import convert_orbax_to_hf
 from molmo_jax import config as C
 from molmo_jax.models.molmo import Molmo
-from molmo_jax.training.checkpoint import load_model_checkpoint, save_model_checkpoint
+from molmo_jax.model_dir import load_model_checkpoint, save_model_checkpoint
 
 FAMILIES = ("qwen2", "olmo", "olmoe")
 T, CROPS = 40, 2

@@ -12,8 +12,8 @@ from PIL import Image
 from molmo_jax import config as C
 from molmo_jax.data import demo_tokenizer, synthetic
 from molmo_jax.data import pipeline as P
-from molmo_jax.data.sources import (HFSource, JsonlSource, RecordError, SourceConfig,
-                                    SyntheticRecords, open_source)
+from molmo_jax.data.sources import HFSource, JsonlSource, RecordError, SourceConfig, open_source
+from molmo_jax.data.synthetic import SyntheticRecords
 from molmo_jax.preprocess import points as points_lib
 from molmo_jax.preprocess.examples import ATTEND_ALL_SUBSEGMENT
 from molmo_jax.preprocess.tokens import MolmoTokenizer

@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from molmo_jax.data import synthetic
-from molmo_jax.evals import runner, tasks
+from molmo_jax.evals import runner, synthetic_tasks, tasks  # noqa: F401 (registers synthetic_*)
 from molmo_jax.evals.readers import DataError
 from molmo_jax.evals.readers_ai2d import BOX_COLOUR
 

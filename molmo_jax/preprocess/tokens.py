@@ -27,6 +27,7 @@ import numpy as np
 import tokenizers
 
 from molmo_jax.preprocess.types import IGNORED_INDEX, MultiCropImage
+from molmo_jax.registry import Registry
 
 IMAGE_START = "<im_start>"
 IMAGE_END = "<im_end>"
@@ -37,6 +38,13 @@ IMAGE_PROMPT = "<|image|>"
 IMAGE_SPECIAL_TOKENS = (IMAGE_START, IMAGE_END, IMAGE_PATCH, IMAGE_COL, IMAGE_PROMPT)
 DEFAULT_EOS_TOKEN = "<|endoftext|>"
 PLACEHOLDER_PATTERN = re.compile(r"\|<EXTRA_TOKENS_\d+>\|")
+
+# Tokenizers built in code rather than read from a tokenizer.json directory: name -> factory
+# (vocab_size -> tokenizers.Tokenizer, eos token string). The demo registers "builtin:demo".
+BUILTIN_TOKENIZERS = Registry(
+    "built-in tokenizer", hint="tokenizers from other modules register when they are imported "
+    "(the demo's 'builtin:demo': add 'molmo_jax.data.demo_tokenizer' to config.plugins)")
+BUILTIN_PREFIX = "builtin:"
 
 _SPECIAL_SPLIT = re.compile("(" + "|".join(re.escape(s) for s in IMAGE_SPECIAL_TOKENS) + ")")
 
@@ -87,6 +95,15 @@ class MolmoTokenizer:
     if eos_token is None:
       eos_token = _eos_from_configs(directory) or DEFAULT_EOS_TOKEN
     return cls(tokenizers.Tokenizer.from_file(path), vocab_size, eos_token)
+
+  @classmethod
+  def from_name_or_directory(cls, name: str | os.PathLike, vocab_size: int) -> "MolmoTokenizer":
+    """"builtin:<name>" (a registered built-in tokenizer) or a directory with tokenizer.json."""
+    if isinstance(name, str) and name.startswith(BUILTIN_PREFIX):
+      build = BUILTIN_TOKENIZERS.get(name)
+      tokenizer, eos_token = build(vocab_size)
+      return cls(tokenizer, vocab_size, eos_token)
+    return cls.from_checkpoint(name, vocab_size)
 
   def _check_ids_beyond_vocab(self) -> None:
     """Every id >= vocab_size in the file must be the image token that the id rule puts there."""

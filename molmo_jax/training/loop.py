@@ -3,7 +3,8 @@
 `train(config, workdir)` runs one job described by an ml_collections config (configs/*.py):
 
   jax.distributed.initialize (multi-host)       -> mesh (data, fsdp, tensor, expert)
-  model config (preset / tiny / init_from's)    -> tokenizer -> data iterator (this process's rows)
+  molmo_jax.experiment.build(config): model config, mesh, state shapes, jitted step
+  tokenizer -> data iterator (this process's rows)
   latest checkpoint under workdir?  yes: restore params, optimizer state, step, rng, data position
                                     no:  fresh state, or params from `init_from` (a converted model)
   loop: next local batch -> global array -> jitted step -> log the PREVIOUS step's metrics
@@ -33,18 +34,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from molmo_jax import config as model_config_lib
+from molmo_jax import experiment as experiment_lib
 from molmo_jax import sharding as sharding_lib
-from molmo_jax.config import MolmoConfig
-from molmo_jax.models.molmo import Molmo
+from molmo_jax.model_dir import restore_params_only
 from molmo_jax.training import flops as flops_lib
 from molmo_jax.training import train_step as step_lib
-from molmo_jax.training.checkpoint import TrainCheckpointer, restore_params_only
-from molmo_jax.training.optimizer import OptimizerConfig, build_optimizer
+from molmo_jax.training.checkpoint import TrainCheckpointer
 
 _log = logging.getLogger("molmo_jax.train")
-BUILTIN_DEMO_TOKENIZER = "builtin:demo"
-_MODEL_SECTIONS = ("vision", "connector", "llm", "preprocess")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -91,60 +88,6 @@ def initialize_distributed(dist: Mapping[str, Any]) -> None:
     kwargs = dict(coordinator_address=address, num_processes=int(dist["num_processes"]),
                   process_id=int(dist["process_id"]))
   jax.distributed.initialize(**kwargs)
-
-
-def build_model_config(model: Mapping[str, Any], init_from: str = "") -> MolmoConfig:
-  """MolmoConfig from `config.model`: a preset or tiny-<family> name, else init_from's config.json,
-  then the overrides in model.{dtype, param_dtype, remat_policy} and model.{llm, vision, ...}."""
-  name = model.get("name") or ""
-  if name.startswith("tiny-"):
-    cfg = model_config_lib.tiny(name[len("tiny-"):])
-  elif name:
-    cfg = model_config_lib.preset(name)
-  elif init_from:
-    path = Path(init_from) / "config.json"
-    if not path.is_file():
-      raise FileNotFoundError(f"model.name is empty and init_from has no config.json ({path})")
-    cfg = MolmoConfig.from_json(path.read_text())
-  else:
-    raise ValueError("config.model.name: give a preset (e.g. molmo-7b-d), tiny-<family>, or set "
-                     "init_from to a converted model directory")
-  top = {k: model[k] for k in ("dtype", "param_dtype", "remat_policy") if model.get(k)}
-  for section in _MODEL_SECTIONS:
-    overrides = dict(model.get(section) or {})
-    if not overrides:
-      continue
-    current = getattr(cfg, section)
-    known = {f.name for f in dataclasses.fields(current)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-      raise ValueError(f"config.model.{section}: unknown field(s) {unknown}; known: {sorted(known)}")
-    overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
-    top[section] = dataclasses.replace(current, **overrides)
-  return cfg.replace(**top)
-
-
-def load_tokenizer(tokenizer_dir: str, init_from: str, model_cfg: MolmoConfig):
-  from molmo_jax.preprocess.tokens import MolmoTokenizer
-  if tokenizer_dir == BUILTIN_DEMO_TOKENIZER:
-    from molmo_jax.data.demo_tokenizer import EOS_TOKEN, build_demo_tokenizer
-    return MolmoTokenizer(build_demo_tokenizer(), model_cfg.llm.vocab_size, EOS_TOKEN)
-  directory = tokenizer_dir or (str(Path(init_from) / "tokenizer") if init_from else "")
-  if not directory:
-    raise ValueError("config.tokenizer_dir: set it to a directory with tokenizer.json (or "
-                     f"{BUILTIN_DEMO_TOKENIZER!r}), or use init_from with a tokenizer/ inside")
-  return MolmoTokenizer.from_checkpoint(directory, model_cfg.llm.vocab_size)
-
-
-def data_config(data: Mapping[str, Any]):
-  """DataConfig from `config.data`; `sources` may be {name: source} (CLI-overridable) or a list."""
-  from molmo_jax.data.pipeline import DataConfig
-  data = dict(data.to_dict() if hasattr(data, "to_dict") else data)
-  sources = data.get("sources") or {}
-  if isinstance(sources, Mapping):
-    sources = [{"name": name, **dict(source)} for name, source in sources.items()]
-  data["sources"] = sources
-  return DataConfig.from_dict(data)
 
 
 class StopRequest:
@@ -290,8 +233,9 @@ def _peak_flops(config: Mapping[str, Any]) -> float:
   return peak
 
 
-def _restore_or_init(config, ckpt: TrainCheckpointer, model, optimizer, mesh, spec, abstract,
+def _restore_or_init(exp: experiment_lib.Experiment, ckpt: TrainCheckpointer,
                      data_iter) -> step_lib.TrainState:
+  config, mesh, abstract = exp.config, exp.mesh, exp.abstract_state
   latest = ckpt.latest_step()
   if latest is not None:
     restored = ckpt.restore(latest, abstract_state={"params": abstract.params,
@@ -303,12 +247,11 @@ def _restore_or_init(config, ckpt: TrainCheckpointer, model, optimizer, mesh, sp
     step = jax.device_put(jnp.asarray(restored["step"], jnp.int32), sharding_lib.replicated(mesh))
     return step_lib.TrainState(step=step, params=restored["params"],
                                opt_state=restored["opt_state"], rng=restored["rng"])
-  rng = jax.random.PRNGKey(int(config.seed))
   params = None
   if config.get("init_from"):
     params = restore_params_only(config.init_from, abstract.params)
     _log.info("initialised parameters from %s", config.init_from)
-  return step_lib.init_train_state(model, optimizer, mesh, spec, rng, params=params)
+  return exp.init_state(params=params)
 
 
 def configure_jax(config: Any) -> None:
@@ -337,47 +280,28 @@ def train(config: Any, workdir: str | os.PathLike, data_iterator: Any = None) ->
   configure_jax(config)
   if jax.process_index() != 0:    # progress is reported by process 0; others only warn
     logging.getLogger("molmo_jax").setLevel(logging.WARNING)
-  workdir = Path(workdir).absolute()
+  workdir = Path(os.path.abspath(Path(workdir).expanduser()))
   workdir.mkdir(parents=True, exist_ok=True)
-  init_from = config.get("init_from") or ""
-  model_cfg = build_model_config(config.model, init_from)
-  data_cfg = data_config(config.data)
-  max_crops = data_cfg.max_crops or model_cfg.preprocess.max_crops
+  exp = experiment_lib.build(config)
   if jax.process_index() == 0:
-    (workdir / "model_config.json").write_text(model_cfg.to_json())
+    (workdir / "model_config.json").write_text(exp.model_config.to_json())
     (workdir / "train_config.json").write_text(config.to_json_best_effort(indent=2))
-
-  mesh = sharding_lib.make_mesh(**dict(config.mesh))
-  model = Molmo(model_cfg)
-  spec = step_lib.batch_spec(model_cfg, data_cfg.global_batch_size, data_cfg.seq_len, max_crops)
-  step_cfg = step_lib.StepConfig(micro_batches=int(config.micro_batches),
-                                 z_loss_weight=float(config.z_loss_weight))
-  total_steps = int(config.total_steps)
-  optimizer = build_optimizer(
-      OptimizerConfig.from_mapping({**config.optimizer.to_dict(), "total_steps": total_steps}),
-      step_lib.abstract_params(model, spec))
-  abstract, shardings = step_lib.abstract_train_state(model, optimizer, mesh, spec)
-  step_fn = step_lib.make_train_step(model, optimizer, mesh, shardings, spec, step_cfg)
-
+  total_steps = exp.total_steps
+  step_fn = exp.train_step
   if data_iterator is None:
-    from molmo_jax.data.pipeline import make_train_iterator
-    tokenizer = load_tokenizer(config.get("tokenizer_dir") or "", init_from, model_cfg)
-    data_iterator = make_train_iterator(data_cfg, model_cfg, tokenizer,
-                                        process_index=jax.process_index(),
-                                        process_count=jax.process_count())
+    data_iterator = exp.train_iterator()
   ckpt_cfg = config.checkpoint
   ckpt = TrainCheckpointer(workdir / "checkpoints", save_every=int(ckpt_cfg.save_every),
                            keep=int(ckpt_cfg.keep) or None, async_save=bool(ckpt_cfg.async_save))
   logger = MetricsLogger(workdir, config.log_every, bool(config.tensorboard))
   try:
-    state = _restore_or_init(config, ckpt, model, optimizer, mesh, spec, abstract, data_iterator)
-    step_flops = flops_lib.train_step_flops(model_cfg, data_cfg.global_batch_size,
-                                            data_cfg.seq_len, max_crops + 1).train
-    throughput = _Throughput(step_flops, data_cfg.global_batch_size * data_cfg.seq_len,
+    state = _restore_or_init(exp, ckpt, data_iterator)
+    throughput = _Throughput(exp.step_flops(),
+                             exp.data_config.global_batch_size * exp.data_config.seq_len,
                              jax.device_count(), _peak_flops(config))
     profiler = Profiler(workdir, config.profile.start_step, config.profile.num_steps)
     with StopRequest() as stop:
-      return _run_steps(config, state, step_fn, data_iterator, mesh, ckpt, logger, throughput,
+      return _run_steps(config, state, step_fn, data_iterator, exp.mesh, ckpt, logger, throughput,
                         profiler, stop, total_steps)
   finally:
     ckpt.wait_until_finished()

@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from molmo_jax.model_dir import path_name
+
 FROZEN = "frozen"
 COMPONENTS = ("connector", "vit", "llm")
 
@@ -128,18 +130,6 @@ class OptimizerConfig:
 # ------------------------------------------------------------------------------------------
 # Parameter names and groups
 # ------------------------------------------------------------------------------------------
-
-def _key_name(key: Any) -> str:
-  for attr in ("key", "name", "idx"):
-    if hasattr(key, attr):
-      return str(getattr(key, attr))
-  return str(key)
-
-
-def path_name(path: tuple[Any, ...]) -> str:
-  """"/"-joined parameter name of a jax key path."""
-  return "/".join(_key_name(k) for k in path)
-
 
 def param_names(params: Any) -> Any:
   """Pytree of the "/"-joined name of every leaf (arrays or ShapeDtypeStructs)."""
