@@ -1,7 +1,7 @@
 r"""Compile the real train step for a TPU slice on this (TPU-less) machine and report per-chip memory.
 
   python aot.py --config configs/finetune_multitask.py:molmo-72b --topology v5p:8x8x4 \
-      [--config.mesh.fsdp=-1 --config.model.remat_policy=full ...] [--json report.json]
+      [--config.mesh.fsdp=-1 --config.model.remat_policy=full ...] [--json > report.json]
 
 --config takes a training recipe exactly as train.py does (same overrides). Needs libtpu
 (`pip install -e '.[tpu]'`); JAX itself stays on the CPU. Prints the mesh, per-chip memory from
@@ -23,8 +23,8 @@ FLAGS = flags.FlagValues()
 CONFIG = config_cli.define_config(FLAGS)
 TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice GENERATION:AxB[xC], e.g. v5p:8x8x4, "
                                "v6e:16x16, v4:4x4x4, v5e:8x8", flag_values=FLAGS)
-JSON = flags.DEFINE_string("json", None, "also write the report as JSON to this file",
-                           flag_values=FLAGS)
+JSON = flags.DEFINE_boolean("json", False, "print the report as JSON on stdout instead of text",
+                            flag_values=FLAGS)
 SHOW_SHARDING = flags.DEFINE_boolean("show-sharding", False, "list every parameter's sharding "
                                      "(default: three per PartitionSpec)", flag_values=FLAGS)
 
@@ -40,15 +40,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"aot.py: error: {e}", file=sys.stderr)
     return config_cli.USAGE_EXIT
   report = aot.compile_train_step(CONFIG.value, TOPOLOGY.value)
+  if JSON.value:
+    print(json.dumps(report.to_json(), indent=2))
+    return 0 if report.fits else 3
   print(aot.format_report(report))
   groups = aot.sharding_by_logical_axis(report)
   print("  parameter sharding (PartitionSpec: parameters)")
   for spec, paths in sorted(groups.items(), key=lambda kv: -len(kv[1])):
     shown = paths if SHOW_SHARDING.value else paths[:3] + (["..."] if len(paths) > 3 else [])
     print(f"    {spec}: {len(paths)} -> {', '.join(shown)}")
-  if JSON.value:
-    with open(JSON.value, "w") as f:
-      json.dump(report.to_json(), f, indent=2)
   return 0 if report.fits else 3
 
 

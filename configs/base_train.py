@@ -19,6 +19,7 @@ Field reference (all overridable with --config.<path>=value):
   micro_batches         gradient accumulation: the global batch runs as this many slices
   mesh.{data,fsdp,tensor,expert}   mesh axis sizes; one may be -1 (all remaining devices)
   checkpoint.{save_every,keep,async_save,replica_parallel}
+  export_model          write <workdir>/model/ when the run ends (finished or stopped by a signal)
   compilation_cache_dir persistent compilation cache (a restart after pre-emption skips compiling)
   profile.{start_step,num_steps}  jax.profiler trace window (start_step 0 = off)
   distributed.*         multi-host start-up (see molmo_jax.training.loop.initialize_distributed)
@@ -93,6 +94,7 @@ def base_config() -> ml_collections.ConfigDict:
   # pods; on CPU hosts the first save stalls while it compiles a slice per array shape).
   c.checkpoint = ml_collections.ConfigDict(dict(save_every=1000, keep=3, async_save=True,
                                                 replica_parallel=True))
+  c.export_model = True            # write <workdir>/model/ (a model directory) when the run ends
   c.compilation_cache_dir = ""     # persistent XLA cache: restarts skip compiling the step
   c.log_every = 10
   c.tensorboard = True

@@ -174,9 +174,13 @@ def _int_tuple(text: str) -> tuple[int, ...]:
     raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+  """The docstring as written, and every flag's default."""
+
+
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(prog="python -m convert.build_initial", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+                                   formatter_class=_HelpFormatter)
   parser.add_argument("--clip", required=True, type=Path, help="HF CLIP(Vision)Model directory")
   parser.add_argument("--llm", required=True, type=Path, help="HF Qwen2/OLMo2/OLMoE directory")
   parser.add_argument("--out", required=True, type=Path, help="model directory to write")
@@ -187,8 +191,8 @@ def main(argv: list[str] | None = None) -> None:
                       help="keep every CLIP block (Molmo drops the last one)")
   parser.add_argument("--vocab-size", type=int, help="llm.vocab_size (padded tokenizer size)")
   parser.add_argument("--embedding-size", type=int, help="llm.embedding_size (>= HF vocab)")
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--overwrite", action="store_true")
+  parser.add_argument("--seed", type=int, default=0, help="seed of the new (connector) weights")
+  parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
   args = parser.parse_args(argv)
   overrides = {k: v for k, v in (("vocab_size", args.vocab_size),
                                  ("embedding_size", args.embedding_size)) if v is not None}
@@ -198,5 +202,10 @@ def main(argv: list[str] | None = None) -> None:
   print(f"wrote {out}")
 
 
+def run() -> None:
+  """Console entry point (`molmo-build-initial`)."""
+  sys.exit(main())
+
+
 if __name__ == "__main__":
-  main()
+  run()

@@ -26,6 +26,7 @@ import collections
 import dataclasses
 import math
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Iterator
@@ -291,12 +292,14 @@ def convert_hf_to_orbax(hf_dir: str | Path, out_dir: str | Path, *, dtype: str =
 
 
 def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   parser.add_argument("hf_dir", help="released Molmo directory: config.json, *.safetensors, tokenizer")
   parser.add_argument("out_dir", help="model directory to create")
-  parser.add_argument("--dtype", default="auto", choices=["auto", *OUT_DTYPES])
+  parser.add_argument("--dtype", default="auto", choices=["auto", *OUT_DTYPES],
+                      help="dtype of the written parameters (auto: as stored)")
   parser.add_argument("--name", default=None, help="MolmoConfig.name (default: preset or dir name)")
-  parser.add_argument("--overwrite", action="store_true")
+  parser.add_argument("--overwrite", action="store_true", help="replace an existing out_dir")
   args = parser.parse_args(argv)
   jax.config.update("jax_platforms", "cpu")   # conversion needs no accelerator
   start = time.perf_counter()
@@ -310,5 +313,10 @@ def main(argv: list[str] | None = None) -> None:
   print(f"wrote {out} in {seconds:.1f} s ({size / 2**20 / seconds:.1f} MiB/s of safetensors read)")
 
 
+def run() -> None:
+  """Console entry point (`molmo-hf-to-orbax`)."""
+  sys.exit(main())
+
+
 if __name__ == "__main__":
-  main()
+  run()

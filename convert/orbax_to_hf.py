@@ -18,6 +18,7 @@ import argparse
 import json
 import math
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -27,7 +28,7 @@ import tensorstore as ts
 
 from convert import release_config
 from convert.hf_to_orbax import DEFAULT_BLOCK_BYTES, OUT_DTYPES, model_leaf_shapes
-from molmo_jax.model_dir import staged_directory
+from molmo_jax.model_dir import locate_model, staged_directory
 from convert.release_tables import COPY, Rule, fused_groups, row_splittable, rules_for, to_hf, transpose
 from convert.safetensors_io import DEFAULT_MAX_SHARD_BYTES, TensorSpec, write_sharded
 from molmo_jax.config import MolmoConfig
@@ -159,17 +160,16 @@ def _export_dtype(requested: str, params: OrbaxParams) -> np.dtype:
 
 def convert_orbax_to_hf(model_dir: str | Path, out_dir: str | Path, *, dtype: str = "auto",
                         max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False,
-                        block_bytes: int = DEFAULT_BLOCK_BYTES) -> Path:
-  """Exports a model directory (params/, config.json, tokenizer/) as a Molmo release directory."""
-  model_dir, out_dir = Path(model_dir), Path(out_dir).absolute()
+                        block_bytes: int = DEFAULT_BLOCK_BYTES, step: int | None = None) -> Path:
+  """Exports a model directory (params/, config.json, tokenizer/) or a training workdir (its
+  latest checkpoint, or `step`) as a Molmo release directory."""
+  source = locate_model(model_dir, step)
+  out_dir = Path(out_dir).absolute()
   if out_dir.exists() and not overwrite:
     raise FileExistsError(f"{out_dir} already exists (overwrite=True, or --overwrite, replaces it)")
-  config_path = model_dir / "config.json"
-  if not config_path.is_file():
-    raise FileNotFoundError(f"{model_dir}: missing config.json; not a model directory")
-  cfg = MolmoConfig.from_json(config_path.read_text())
-  params = OrbaxParams(model_dir / "params")
-  check_stored_tree(params, model_leaf_shapes(cfg), str(model_dir))
+  cfg = source.read_config()
+  params = OrbaxParams(source.params_dir)
+  check_stored_tree(params, model_leaf_shapes(cfg), source.describe())
   out_dtype = _export_dtype(dtype, params)
   hf_config = release_config.release_config_json(cfg, torch_dtype=out_dtype.name)
 
@@ -188,16 +188,16 @@ def convert_orbax_to_hf(model_dir: str | Path, out_dir: str | Path, *, dtype: st
     template, layer = source[spec.name]
     return _pieces(reader, template, groups[template], layer, out_dtype)
 
-  tokenizer = model_dir / "tokenizer"
+  tokenizer = source.tokenizer_dir
   with staged_directory(out_dir) as staging:
     write_sharded(staging, specs, pieces, max_shard_bytes)
     (staging / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     existing = None
-    if (tokenizer / "preprocessor_config.json").is_file():
+    if tokenizer is not None and (tokenizer / "preprocessor_config.json").is_file():
       existing = json.loads((tokenizer / "preprocessor_config.json").read_text())
     pre = release_config.preprocessor_config_json(cfg, existing)
     (staging / "preprocessor_config.json").write_text(json.dumps(pre, indent=2) + "\n")
-    if tokenizer.is_dir():
+    if tokenizer is not None:
       for path in sorted(tokenizer.iterdir()):
         if path.is_file() and path.name not in _GENERATED:
           shutil.copy2(path, staging / path.name)
@@ -205,17 +205,23 @@ def convert_orbax_to_hf(model_dir: str | Path, out_dir: str | Path, *, dtype: st
 
 
 def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("model_dir", help="model directory: params/, config.json, tokenizer/")
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  parser.add_argument("model_dir", help="model directory (params/, config.json, tokenizer/) or a "
+                      "training workdir (its latest checkpoint unless --step)")
   parser.add_argument("out_dir", help="release directory to create")
-  parser.add_argument("--dtype", default="auto", choices=["auto", *OUT_DTYPES])
-  parser.add_argument("--max-shard-gb", type=float, default=DEFAULT_MAX_SHARD_BYTES / 1e9)
-  parser.add_argument("--overwrite", action="store_true")
+  parser.add_argument("--dtype", default="auto", choices=["auto", *OUT_DTYPES],
+                      help="dtype of the written tensors (auto: as stored)")
+  parser.add_argument("--max-shard-gb", type=float, default=DEFAULT_MAX_SHARD_BYTES / 1e9,
+                      help="largest safetensors file, in GB")
+  parser.add_argument("--step", type=int, default=None,
+                      help="training step when model_dir is a training workdir (default: latest)")
+  parser.add_argument("--overwrite", action="store_true", help="replace an existing out_dir")
   args = parser.parse_args(argv)
   jax.config.update("jax_platforms", "cpu")   # conversion needs no accelerator
   start = time.perf_counter()
   try:
-    out = convert_orbax_to_hf(args.model_dir, args.out_dir, dtype=args.dtype,
+    out = convert_orbax_to_hf(args.model_dir, args.out_dir, dtype=args.dtype, step=args.step,
                               max_shard_bytes=int(args.max_shard_gb * 1e9), overwrite=args.overwrite)
   except (OSError, ValueError) as e:
     parser.exit(2, f"error: {e}\n")
@@ -224,5 +230,10 @@ def main(argv: list[str] | None = None) -> None:
   print(f"wrote {out} in {seconds:.1f} s ({total / 2**20 / seconds:.1f} MiB/s of safetensors written)")
 
 
+def run() -> None:
+  """Console entry point (`molmo-orbax-to-hf`)."""
+  sys.exit(main())
+
+
 if __name__ == "__main__":
-  main()
+  run()

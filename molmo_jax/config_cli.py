@@ -99,6 +99,8 @@ def parse(argv: Sequence[str], prog: str, doc: str, holders: Sequence[flags.Flag
   wants_help = any(a in HELP_FLAGS for a in argv[1:])
   args = [a for a in argv if a not in HELP_FLAGS]
   flag_values.unparse_flags()
+  for name in [n for n in flag_values if n.startswith("config.")]:
+    delattr(flag_values, name)     # override flags of an earlier parse (tests parse repeatedly)
   try:
     with _argv_as(args):
       rest = flag_values(args, known_only=False)

@@ -209,5 +209,10 @@ def main(argv=None) -> int:
   return 0
 
 
-if __name__ == "__main__":
+def run() -> None:
+  """Console entry point (`molmo-demo`)."""
   sys.exit(main())
+
+
+if __name__ == "__main__":
+  run()

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.util
+import logging
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -31,6 +32,7 @@ from molmo_jax.config import MolmoConfig
 from molmo_jax.registry import import_plugins
 
 _MODEL_SECTIONS = ("vision", "connector", "llm", "preprocess")
+_log = logging.getLogger("molmo_jax.train")
 
 
 # ------------------------------------------------------------------------------------------
@@ -115,11 +117,33 @@ def load_tokenizer(tokenizer_dir: str, init_from: str, model_cfg: MolmoConfig):
                                                model_cfg.llm.vocab_size)
 
 
+def warmup_steps(value: float, total_steps: int, where: str) -> int:
+  """A component's warmup: steps (int >= 1), or a fraction of the run (0 < value < 1); a warmup
+  as long as the run or longer is clamped to 10 % of it, with a warning."""
+  value = float(value)
+  if value < 0:
+    raise ValueError(f"{where}: expected a step count or a fraction in (0, 1), got {value}")
+  steps = round(value * total_steps) if 0 < value < 1 else int(value)
+  if steps >= total_steps > 0:
+    clamped = max(total_steps // 10, 1 if total_steps > 1 else 0)
+    _log.warning("%s=%s is >= total_steps=%d (the learning rate would never leave the warmup); "
+                 "using %d steps (10 %% of the run). Set it below total_steps, or as a fraction "
+                 "such as 0.1", where, value if 0 < value < 1 else int(value), total_steps, clamped)
+    steps = clamped
+  return steps
+
+
 def optimizer_config(config: Any):
-  """OptimizerConfig from `config.optimizer`, with the run's total_steps."""
+  """OptimizerConfig from `config.optimizer`, with the run's total_steps and every component's
+  warmup resolved (`warmup_steps`: steps or a fraction of the run, clamped below total_steps)."""
   from molmo_jax.training.optimizer import OptimizerConfig
-  return OptimizerConfig.from_mapping({**config.optimizer.to_dict(),
-                                       "total_steps": int(config.total_steps)})
+  total = int(config.total_steps)
+  options = config.optimizer.to_dict()
+  for component in ("connector", "vit", "llm"):
+    if isinstance(options.get(component), Mapping) and "warmup_steps" in options[component]:
+      options[component] = dict(options[component], warmup_steps=warmup_steps(
+          options[component]["warmup_steps"], total, f"optimizer.{component}.warmup_steps"))
+  return OptimizerConfig.from_mapping({**options, "total_steps": total})
 
 
 # ------------------------------------------------------------------------------------------

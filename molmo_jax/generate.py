@@ -26,11 +26,15 @@ from molmo_jax.models.molmo import Molmo, default_positions
 Array = jax.Array
 
 
+# The paper's budget for pointing and counting answers (a dozen points); the CLI uses it too.
+DEFAULT_MAX_NEW_TOKENS = 192
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
   """Greedy when temperature == 0; otherwise temperature / top-k / top-p sampling."""
 
-  max_new_tokens: int = 64
+  max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
   temperature: float = 0.0
   top_k: int = 0            # 0 = off
   top_p: float = 1.0        # 1.0 = off

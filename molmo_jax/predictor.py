@@ -68,21 +68,22 @@ class Predictor:
 
   @classmethod
   def from_checkpoint(cls, directory: str | os.PathLike, *, dtype: str | None = None,
-                      mesh: jax.sharding.Mesh | None = None, max_crops: int | None = None
-                      ) -> "Predictor":
-    """Loads params, config and tokenizer; `dtype` ("bfloat16"/"float32") overrides compute and
-    parameter dtype; with `mesh` the params are restored directly into their shardings."""
-    from molmo_jax.model_dir import load_model_checkpoint
-    config_path = Path(directory) / "config.json"
-    if not config_path.is_file():
-      raise FileNotFoundError(f"{directory}: no config.json; not a model directory")
-    config = MolmoConfig.from_json(config_path.read_text())
+                      mesh: jax.sharding.Mesh | None = None, max_crops: int | None = None,
+                      step: int | None = None) -> "Predictor":
+    """Loads params, config and tokenizer from a model directory or a training workdir (its
+    latest checkpoint, or `step`); relative paths are fine. `dtype` ("bfloat16"/"float32")
+    overrides compute and parameter dtype; with `mesh` the params are restored directly into
+    their shardings."""
+    from molmo_jax.model_dir import load_model_checkpoint, locate_model
+    source = locate_model(directory, step)
+    config = source.read_config()
     if dtype is not None:
       config = config.replace(dtype=dtype, param_dtype=dtype)
     expected = abstract_params(config, mesh)
-    ckpt = load_model_checkpoint(directory, expected_params=expected)
+    ckpt = load_model_checkpoint(directory, expected_params=expected, step=step)
     if ckpt.tokenizer_dir is None:
-      raise FileNotFoundError(f"{directory}: no tokenizer/ folder; copy the tokenizer files there")
+      raise FileNotFoundError(f"{source.describe()}: no tokenizer/ folder; copy the tokenizer "
+                              "files (tokenizer.json, ...) there")
     tokenizer = MolmoTokenizer.from_checkpoint(ckpt.tokenizer_dir, config.llm.vocab_size)
     return cls(config, ckpt.params, tokenizer, mesh=mesh, max_crops=max_crops)
 

@@ -93,6 +93,7 @@ class TrainCheckpointer:
     if keep is not None and keep < 1:
       raise ValueError(f"keep: expected >= 1 or None (keep all), got {keep}")
     self.directory = Path(directory).absolute()
+    self.async_save = bool(async_save)
     options = ocp.CheckpointManagerOptions(
         save_decision_policy=ocp.checkpoint_managers.FixedIntervalPolicy(save_every),
         preservation_policy=ocp.checkpoint_managers.LatestN(keep),

@@ -14,7 +14,10 @@
         written after its step's metrics were checked, so the last one on disk is good.
 
 Workdir layout: checkpoints/<step>/ (Orbax), tensorboard/ (event files), metrics.jsonl (one
-line per step, process 0), profile/ (jax.profiler traces).
+line per step, process 0), profile/ (jax.profiler traces), model_config.json, train_config.json,
+tokenizer/ and, when the run ends (finished or stopped by a signal), model/: a model directory
+(molmo_jax.model_dir) of the last step's parameters. Every model loader also takes the workdir
+itself (its latest checkpoint, or a chosen step).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
 import threading
 import time
@@ -36,7 +40,8 @@ import numpy as np
 
 from molmo_jax import experiment as experiment_lib
 from molmo_jax import sharding as sharding_lib
-from molmo_jax.model_dir import restore_params_only
+from molmo_jax.model_dir import (TOKENIZER_DIR, restore_params_only, save_model_checkpoint,
+                                 staged_directory)
 from molmo_jax.training import flops as flops_lib
 from molmo_jax.training import train_step as step_lib
 from molmo_jax.training.checkpoint import TrainCheckpointer
@@ -125,38 +130,116 @@ class StopRequest:
 class MetricsLogger:
   """Console, metrics.jsonl and TensorBoard; everything is written by process 0 only."""
 
-  def __init__(self, workdir: Path, log_every: int, tensorboard: bool):
+  def __init__(self, workdir: Path, log_every: int, tensorboard: bool, total_steps: int = 0,
+               is_moe: bool = True):
     self.enabled = jax.process_index() == 0
     self.log_every = max(int(log_every), 1)
+    self.total_steps = int(total_steps)
+    self.is_moe = is_moe
     self._jsonl = open(workdir / "metrics.jsonl", "a") if self.enabled else None
     self._writer = None
+    self._step_times: list[float] = []      # steps after the first of this (re)start
     if self.enabled and tensorboard:
-      from tensorboardX import SummaryWriter
-      self._writer = SummaryWriter(str(workdir / "tensorboard"))
+      try:
+        from tensorboardX import SummaryWriter
+      except ImportError:
+        _log.warning("tensorboard=True but tensorboardX is not installed (pip install -e "
+                     "'.[tensorboard]'); metrics go to metrics.jsonl only")
+      else:
+        self._writer = SummaryWriter(str(workdir / "tensorboard"))
+        _log.info("TensorBoard events: %s (view: tensorboard --logdir %s)",
+                  workdir / "tensorboard", workdir / "tensorboard")
 
-  def write(self, step: int, metrics: dict[str, float]) -> None:
+  @property
+  def writer(self):
+    return self._writer
+
+  def write(self, step: int, metrics: dict[str, float], first_of_run: bool = False) -> None:
     if not self.enabled:
       return
+    if not self.is_moe:   # a dense model's router metrics are constant zeros
+      metrics = {k: v for k, v in metrics.items() if not k.startswith("moe_")}
+    if not first_of_run and "perf/step_time_s" in metrics:
+      self._step_times = (self._step_times + [metrics["perf/step_time_s"]])[-50:]
     self._jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
     self._jsonl.flush()
-    if step % self.log_every and step != 1:
+    if step % self.log_every and step != 1 and step != self.total_steps:
       return
     if self._writer is not None:
       for name, value in metrics.items():
         self._writer.add_scalar(name, value, step)
       self._writer.flush()
+    _log.info("%s", self.progress_line(step, metrics))
+
+  def progress_line(self, step: int, metrics: dict[str, float]) -> str:
+    """step/total (%), loss, accuracy, samples/s, non-padding tokens/s, s/step, ETA, MFU, LRs."""
+    total = self.total_steps
+    where = f"step {step}/{total} ({100 * step / total:.1f}%)" if total else f"step {step}"
+    parts = [where, f"loss {metrics['loss']:.4f}", f"acc {metrics.get('accuracy', float('nan')):.3f}"]
+    if "perf/samples_per_s" in metrics:
+      parts.append(f"{metrics['perf/samples_per_s']:.1f} samples/s")
+    if "perf/tokens_per_s" in metrics:
+      parts.append(f"{metrics['perf/tokens_per_s']:.0f} tok/s")
+    if "perf/step_time_s" in metrics:
+      parts.append(f"{metrics['perf/step_time_s']:.3f} s/step")
+    if total and self._step_times and step < total:
+      parts.append(f"ETA {format_duration((total - step) * float(np.mean(self._step_times)))}")
     mfu = metrics.get("perf/mfu")
-    lrs = " ".join(f"{k.split('/')[1]}={v:.2e}" for k, v in metrics.items() if k.startswith("learning_rate/"))
-    _log.info("step %d | loss %.4f | acc %.3f | %.0f tok/s | %.3f s/step | MFU %s | lr %s",
-              step, metrics["loss"], metrics.get("accuracy", float("nan")),
-              metrics.get("perf/tokens_per_s", float("nan")), metrics.get("perf/step_time_s", float("nan")),
-              "n/a" if mfu is None else f"{100 * mfu:.1f}%", lrs)
+    if mfu is not None:
+      parts.append(f"MFU {100 * mfu:.1f}%")
+    lrs = " ".join(f"{k.split('/')[1]}={v:.2e}" for k, v in metrics.items()
+                   if k.startswith("learning_rate/"))
+    if lrs:
+      parts.append(f"lr {lrs}")
+    return " | ".join(parts)
 
   def close(self) -> None:
     if self._jsonl is not None:
       self._jsonl.close()
     if self._writer is not None:
       self._writer.close()
+
+
+def format_duration(seconds: float) -> str:
+  """1h02m, 6m38s, 42s."""
+  seconds = max(int(round(seconds)), 0)
+  hours, rest = divmod(seconds, 3600)
+  minutes, secs = divmod(rest, 60)
+  if hours:
+    return f"{hours}h{minutes:02d}m"
+  return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+class PaddingCheck:
+  """Warns once when the first batches are mostly padding, with the seq_len that would fit."""
+
+  def __init__(self, seq_len: int, batches: int = 10, threshold: float = 0.5):
+    self.seq_len, self.batches, self.threshold = seq_len, batches, threshold
+    self._real = self._total = 0
+    self._longest = 0
+    self._seen = 0
+    self.done = jax.process_index() != 0
+
+  def observe(self, local_batch: Mapping[str, np.ndarray]) -> None:
+    if self.done:
+      return
+    ids = np.asarray(local_batch["input_ids"])
+    real = ids >= 0
+    self._real += int(real.sum())
+    self._total += ids.size
+    if real.any():
+      last = ids.shape[1] - np.argmax(real[:, ::-1], axis=1)   # one past the last real token
+      self._longest = max(self._longest, int(last[real.any(axis=1)].max()))
+    self._seen += 1
+    if self._seen >= self.batches:
+      self.done = True
+      padding = 1 - self._real / max(self._total, 1)
+      if padding > self.threshold:
+        suggested = min(self.seq_len, -(-self._longest // 64) * 64)
+        _log.warning("the first %d batches are %.0f%% padding: the longest example has %d of "
+                     "data.seq_len=%d tokens. A shorter sequence trains faster: "
+                     "--config.data.seq_len=%d", self._seen, 100 * padding, self._longest,
+                     self.seq_len, suggested)
 
 
 class Profiler:
@@ -193,23 +276,26 @@ class Profiler:
 class _Pending:
   step: int
   metrics: Any          # device arrays of the step's metrics
+  tokens: int = 0       # non-padding input tokens of the global batch
 
 
 class _Throughput:
   """Step time from consecutive completions; the first step after (re)start includes compiling."""
 
-  def __init__(self, step_flops: float, tokens_per_step: int, num_devices: int, peak: float):
-    self.step_flops, self.tokens_per_step = step_flops, tokens_per_step
+  def __init__(self, step_flops: float, samples_per_step: int, num_devices: int, peak: float):
+    self.step_flops, self.samples_per_step = step_flops, samples_per_step
     self.num_devices, self.peak = num_devices, peak
     self._last: float | None = None
 
   def start(self) -> None:
     self._last = time.perf_counter()
 
-  def complete(self) -> dict[str, float]:
+  def complete(self, tokens: int) -> dict[str, float]:
+    """Metrics of the step that just completed; `tokens`: its non-padding input tokens."""
     now = time.perf_counter()
     elapsed, self._last = now - self._last, now
-    return {"perf/step_time_s": elapsed, "perf/tokens_per_s": self.tokens_per_step / elapsed,
+    return {"perf/step_time_s": elapsed, "perf/samples_per_s": self.samples_per_step / elapsed,
+            "perf/tokens_per_s": tokens / elapsed,
             "perf/mfu": flops_lib.mfu(self.step_flops, elapsed, self.num_devices, self.peak)}
 
 
@@ -284,25 +370,35 @@ def train(config: Any, workdir: str | os.PathLike, data_iterator: Any = None) ->
   workdir.mkdir(parents=True, exist_ok=True)
   exp = experiment_lib.build(config)
   if jax.process_index() == 0:
+    _warn_if_total_steps_changed(workdir, exp.total_steps)
     (workdir / "model_config.json").write_text(exp.model_config.to_json())
     (workdir / "train_config.json").write_text(config.to_json_best_effort(indent=2))
   total_steps = exp.total_steps
   step_fn = exp.train_step
+  tokenizer = None
   if data_iterator is None:
-    data_iterator = exp.train_iterator()
+    tokenizer = exp.tokenizer()
+    data_iterator = exp.train_iterator(tokenizer)
+  if jax.process_index() == 0:
+    _save_tokenizer(workdir, exp, tokenizer)
   ckpt_cfg = config.checkpoint
   ckpt = TrainCheckpointer(workdir / "checkpoints", save_every=int(ckpt_cfg.save_every),
                            keep=int(ckpt_cfg.keep) or None, async_save=bool(ckpt_cfg.async_save))
-  logger = MetricsLogger(workdir, config.log_every, bool(config.tensorboard))
+  logger = MetricsLogger(workdir, config.log_every, bool(config.tensorboard), total_steps,
+                         exp.model_config.llm.is_moe)
   try:
     state = _restore_or_init(exp, ckpt, data_iterator)
-    throughput = _Throughput(exp.step_flops(),
-                             exp.data_config.global_batch_size * exp.data_config.seq_len,
+    throughput = _Throughput(exp.step_flops(), exp.data_config.global_batch_size,
                              jax.device_count(), _peak_flops(config))
     profiler = Profiler(workdir, config.profile.start_step, config.profile.num_steps)
     with StopRequest() as stop:
-      return _run_steps(config, state, step_fn, data_iterator, exp.mesh, ckpt, logger, throughput,
-                        profiler, stop, total_steps)
+      result, state = _run_steps(config, state, step_fn, data_iterator, exp.mesh, ckpt, logger,
+                                 throughput, profiler, stop, total_steps,
+                                 PaddingCheck(exp.data_config.seq_len, min(10, total_steps)))
+    ckpt.wait_until_finished()
+    if config.get("export_model", True):
+      export_model(workdir, exp.model_config, state.params, result.step)
+    return result
   finally:
     ckpt.wait_until_finished()
     ckpt.close()
@@ -311,39 +407,111 @@ def train(config: Any, workdir: str | os.PathLike, data_iterator: Any = None) ->
       data_iterator.close()
 
 
+def _warn_if_total_steps_changed(workdir: Path, total_steps: int) -> None:
+  """A resumed run with a new total_steps re-times the schedule from the current step on."""
+  from molmo_jax.model_dir import checkpoint_steps
+  steps = checkpoint_steps(workdir)
+  try:
+    before = int(json.loads((workdir / "train_config.json").read_text())["total_steps"])
+  except (OSError, ValueError, KeyError, TypeError):
+    return
+  if steps and before != total_steps:
+    _log.warning("resuming at step %d with total_steps=%d (the run started with %d): warmup and "
+                 "cosine decay are functions of total_steps, so the learning rate from step %d "
+                 "on follows the %d-step schedule (it %s)", steps[-1], total_steps, before,
+                 steps[-1] + 1, total_steps,
+                 "jumps up: the decay is stretched" if total_steps > before
+                 else "drops: the decay is compressed")
+
+
+def _save_tokenizer(workdir: Path, exp: experiment_lib.Experiment, tokenizer: Any) -> None:
+  """workdir/tokenizer/: the run's tokenizer files, so that the workdir (and model/) is a model."""
+  try:
+    location = experiment_lib.tokenizer_location(exp.config.get("tokenizer_dir") or "",
+                                                 exp.init_from)
+    if not Path(location).is_dir():
+      tokenizer = tokenizer or exp.tokenizer()
+  except (ValueError, FileNotFoundError) as e:
+    _log.warning("no tokenizer saved with the run (%s); predict/eval need one in "
+                 "%s/tokenizer/", e, workdir)
+    return
+  with staged_directory(workdir / TOKENIZER_DIR) as staging:
+    if Path(location).is_dir():
+      for path in sorted(Path(location).iterdir()):
+        if path.is_file():
+          shutil.copy2(path, staging / path.name)
+    else:   # a built-in tokenizer: its files as a tokenizer directory
+      tokenizer.tokenizer.save(str(staging / "tokenizer.json"))
+      (staging / "tokenizer_config.json").write_text(json.dumps(
+          {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": tokenizer.eos_token,
+           "bos_token": tokenizer.eos_token}, indent=2))
+
+
+def export_model(workdir: Path, model_cfg: Any, params: Any, step: int) -> Path | None:
+  """workdir/model/: the parameters of `step` as a model directory (replacing an older one)."""
+  if jax.process_count() > 1:
+    # The staged rename is done by one process; a multi-host job keeps the checkpoints, which
+    # every loader reads directly (`--checkpoint WORKDIR [--step N]`).
+    _log.info("multi-process run: no %s/model/ written; use the workdir itself as the model", workdir)
+    return None
+  start = time.perf_counter()
+  tokenizer = workdir / TOKENIZER_DIR
+  out = save_model_checkpoint(workdir / "model", params, model_cfg,
+                              tokenizer_dir=tokenizer if tokenizer.is_dir() else None, overwrite=True)
+  _log.info("model directory of step %d -> %s (%.1f s)", step, out, time.perf_counter() - start)
+  return out
+
+
 def _run_steps(config, state, step_fn, data_iter: Iterator, mesh, ckpt: TrainCheckpointer,
                logger: MetricsLogger, throughput: _Throughput, profiler: Profiler,
-               stop: StopRequest, total_steps: int) -> RunResult:
+               stop: StopRequest, total_steps: int, padding: PaddingCheck | None = None
+               ) -> tuple[RunResult, Any]:
   step = int(jax.device_get(state.step))
+  first_step = step + 1
   sleep = float(config.get("debug_step_sleep_s") or 0.0)
   pending: _Pending | None = None
   last: dict[str, float] = {}
+  started = time.perf_counter()
+  if step < total_steps:
+    _log.info("training steps %d..%d of %d; compiling the train step...", first_step, total_steps,
+              total_steps)
 
   def report(p: _Pending) -> dict[str, float]:
     values = {k: float(v) for k, v in jax.device_get(p.metrics).items()}
-    values.update(throughput.complete())
+    values.update(throughput.complete(p.tokens))
     _finite_or_raise(p.step, values)
-    logger.write(p.step, values)
+    if p.step == first_step:
+      _log.info("compiled the train step and ran step %d in %.1f s", p.step,
+                time.perf_counter() - started)
+    logger.write(p.step, values, first_of_run=p.step == first_step)
     return values
 
   throughput.start()
   stopped = False
   while step < total_steps:
-    batch = step_lib.make_global_batch(next(data_iter), mesh)
+    local = next(data_iter)
+    tokens = int(np.count_nonzero(np.asarray(local["input_ids"]) >= 0)) * jax.process_count()
+    if padding is not None:
+      padding.observe(local)
+    batch = step_lib.make_global_batch(local, mesh)
     profiler.before_step(step + 1)
     state, metrics = step_fn(state, batch)
     step += 1
     profiler.after_step(step, state)
     if pending is not None:          # the previous step has finished by now, or nearly
       last = report(pending)
-    pending = _Pending(step, metrics)
+    pending = _Pending(step, metrics, tokens)
     if sleep:
       time.sleep(sleep)
     stopped = stop.agreed()
     if stopped or step == total_steps or ckpt.should_save(step):
       last = report(pending)         # a checkpoint is written only after its step checked out
       pending = None
+      save_start = time.perf_counter()
       ckpt.save(step, state.params, state.opt_state, state.rng, data_iter.get_state(), force=True)
+      _log.info("saved checkpoint %d (%.1f s%s) -> %s", step, time.perf_counter() - save_start,
+                ", writing on in the background" if ckpt.async_save else "",
+                ckpt.directory / str(step))
     if stopped:
       why = signal.Signals(stop.received).name if stop.received else "another process's signal"
       _log.warning("%s: stopped at step %d with a checkpoint; rerun the same command to resume",
@@ -352,4 +520,4 @@ def _run_steps(config, state, step_fn, data_iter: Iterator, mesh, ckpt: TrainChe
   profiler.close(state)
   if pending is not None:
     last = report(pending)
-  return RunResult(step=step, stopped_by_signal=stopped, last_metrics=last)
+  return RunResult(step=step, stopped_by_signal=stopped, last_metrics=last), state
