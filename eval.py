@@ -23,14 +23,11 @@ import json
 import logging
 import sys
 
-
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-  """The docstring as written, and every flag's default."""
+from molmo_jax import errors
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog="python eval.py", description=__doc__,
-                              formatter_class=_HelpFormatter)
+  p = errors.ArgumentParser(prog="python eval.py", description=__doc__)
   p.add_argument("--checkpoint", required=True,
                  help="model directory, or a training workdir (latest checkpoint unless --step)")
   p.add_argument("--step", type=int, default=None,
@@ -47,6 +44,10 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                  help="compute and parameter dtype (default: the checkpoint's config; the "
                       "reference evaluates in float32)")
+  p.add_argument("--resize-method", choices=["tensorflow", "torchvision"], default=None,
+                 help="image resize: tensorflow (what converted release checkpoints use, as the HF "
+                      "processor) or torchvision (the native repo's default); default: the "
+                      "checkpoint's config (see docs/fidelity.md)")
   p.add_argument("--paper-model", default=None,
                  help="Table-1 row to compare with (default: the checkpoint's config name)")
   p.add_argument("--seed", type=int, default=0, help="synthetic tasks: the data seed")
@@ -90,7 +91,8 @@ def main(argv=None) -> int:
   from molmo_jax import sharding
   from molmo_jax.predictor import Predictor
   mesh = sharding.make_mesh(data=-1)
-  predictor = Predictor.from_checkpoint(args.checkpoint, dtype=args.dtype, mesh=mesh, step=args.step)
+  predictor = Predictor.from_checkpoint(args.checkpoint, dtype=args.dtype, mesh=mesh, step=args.step,
+                                        resize_method=args.resize_method)
   print(f"{args.checkpoint}: {predictor.config.name}, data-parallel over {len(jax.devices())} "
         f"device(s)", file=sys.stderr)
   options = dict(limit=args.limit, output_dir=args.output, batch_size=args.batch_size,
@@ -123,7 +125,7 @@ def main(argv=None) -> int:
 
 def run() -> None:
   """Console entry point (`molmo-eval`)."""
-  sys.exit(main())
+  sys.exit(errors.run_main(main))
 
 
 if __name__ == "__main__":

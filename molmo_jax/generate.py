@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -49,11 +49,6 @@ class GenerationOutput:
   finish_reasons: list[str]   # "eos" | "length" (| "stop" once stop strings are applied)
 
 
-def bucket_length(length: int, multiple: int = 64) -> int:
-  """Prompt lengths are padded up to a multiple so a run compiles a handful of shapes only."""
-  return max(multiple, -(-length // multiple) * multiple)
-
-
 def filter_logits(logits: Array, top_k: int, top_p: float) -> Array:
   """Masks logits [B, V] outside the top-k set and outside the top-p nucleus with -inf."""
   neg = jnp.finfo(logits.dtype).min
@@ -72,18 +67,33 @@ def filter_logits(logits: Array, top_k: int, top_p: float) -> Array:
 
 
 def choose_tokens(logits: Array, rng: Array, sampling: SamplingConfig) -> Array:
-  """logits [B, V] float32 -> next tokens [B] int32."""
+  """logits [B, V] float32 -> next tokens [B] int32.
+
+  `rng` is one key for the whole batch, or one key per row ([B, 2]) so that a row's draws do not
+  depend on which other rows share its batch (the server's per-request seeds).
+  """
   if sampling.temperature <= 0:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
   logits = filter_logits(logits / sampling.temperature, sampling.top_k, sampling.top_p)
+  if rng.ndim == 2:
+    return jax.vmap(jax.random.categorical)(rng, logits).astype(jnp.int32)
   return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-def _generate(params: Any, batch: Mapping[str, Array], rng: Array, *, model: Molmo,
-              sampling: SamplingConfig) -> tuple[Array, Array, Array]:
+class DecodeState(NamedTuple):
+  """What one decoding step needs: the KV cache, which cache slots hold tokens, the logits that
+  choose the next token and that token's position."""
+
+  cache: dict             # key/value [L, B, S, K, h]
+  key_valid: Array        # [B, S] bool
+  next_logits: Array      # [B, V] float32
+  next_position: Array    # [B] int32
+
+
+def prefill(params: Any, batch: Mapping[str, Array], *, model: Molmo, steps: int) -> DecodeState:
+  """Runs the prompt (and the vision tower) once into a cache with room for `steps` new tokens."""
   input_ids = batch["input_ids"]
   b, t = input_ids.shape
-  steps = sampling.max_new_tokens
   s = t + steps
   cfg = model.config
   cache = init_cache(cfg.llm, b, s, jnp.dtype(cfg.dtype))
@@ -95,44 +105,57 @@ def _generate(params: Any, batch: Mapping[str, Array], rng: Array, *, model: Mol
   if positions is None:
     positions = default_positions(input_ids)
   mask = key_valid[:, None, :] & (slots[None, None, :] <= jnp.arange(t)[None, :, None])
-  prefill = dict(batch, position_ids=positions)
-  logits, out = model.apply({"params": params}, prefill, cache=cache, cache_index=jnp.int32(0),
-                            attention_mask=mask)
+  logits, out = model.apply({"params": params}, dict(batch, position_ids=positions), cache=cache,
+                            cache_index=jnp.int32(0), attention_mask=mask)
   last = jnp.maximum(jnp.sum(valid, axis=1) - 1, 0)                                  # [B]
   rows = jnp.arange(b)
-  next_logits = logits[rows, last]
-  next_position = positions[rows, last] + 1
+  return DecodeState(out["cache"], key_valid, logits[rows, last].astype(jnp.float32),
+                     positions[rows, last] + 1)
 
+
+def decode_step(params: Any, state: DecodeState, slot: Array, done: Array, rng: Array, *,
+                model: Molmo, sampling: SamplingConfig) -> tuple[DecodeState, Array]:
+  """Chooses each row's next token [B] (pad_id where `done`) and runs it into cache slot `slot`
+  (= prompt length T + step index), giving the logits for the token after it."""
+  token = choose_tokens(state.next_logits, rng, sampling)
+  token = jnp.where(done, sampling.pad_id, token)
+  key_valid = state.key_valid.at[:, slot].set(True)
+  slots = jnp.arange(key_valid.shape[1], dtype=jnp.int32)
+  mask = key_valid[:, None, :] & (slots[None, None, :] <= slot)
+  step_batch = {"input_ids": jnp.where(token < 0, 0, token)[:, None],
+                "position_ids": state.next_position[:, None]}
+  step_logits, out = model.apply({"params": params}, step_batch, cache=state.cache,
+                                 cache_index=slot, attention_mask=mask)
+  new_state = DecodeState(out["cache"], key_valid, step_logits[:, 0].astype(jnp.float32),
+                          state.next_position + 1)
+  return new_state, token
+
+
+def _generate(params: Any, batch: Mapping[str, Array], rng: Array, *, model: Molmo,
+              sampling: SamplingConfig) -> tuple[Array, Array, Array]:
+  b, t = batch["input_ids"].shape
+  steps = sampling.max_new_tokens
+  state = prefill(params, batch, model=model, steps=steps)
   eos = -1 if sampling.eos_id is None else sampling.eos_id
   tokens = jnp.full((b, steps), sampling.pad_id, jnp.int32)
   done = jnp.zeros((b,), bool)
   lengths = jnp.zeros((b,), jnp.int32)
 
-  def cond(state):
-    i, *_, done, _ = state
+  def cond(loop):
+    i, *_, done, _ = loop
     return (i < steps) & ~jnp.all(done)
 
-  def body(state):
-    i, cache, key_valid, next_logits, next_position, tokens, lengths, done, rng = state
+  def body(loop):
+    i, state, tokens, lengths, done, rng = loop
     rng, step_rng = jax.random.split(rng)
-    token = choose_tokens(next_logits, step_rng, sampling)
-    token = jnp.where(done, sampling.pad_id, token)
+    state, token = decode_step(params, state, t + i, done, step_rng, model=model, sampling=sampling)
     tokens = tokens.at[:, i].set(token)
     lengths = lengths + (~done).astype(jnp.int32)
     done = done | (token == eos)
-    slot = t + i
-    key_valid = key_valid.at[:, slot].set(True)
-    mask = key_valid[:, None, :] & (slots[None, None, :] <= slot)
-    step_batch = {"input_ids": jnp.where(token < 0, 0, token)[:, None],
-                  "position_ids": next_position[:, None]}
-    step_logits, out = model.apply({"params": params}, step_batch, cache=cache, cache_index=slot,
-                                   attention_mask=mask)
-    return (i + 1, out["cache"], key_valid, step_logits[:, 0], next_position + 1, tokens, lengths,
-            done, rng)
+    return i + 1, state, tokens, lengths, done, rng
 
-  state = (jnp.int32(0), out["cache"], key_valid, next_logits, next_position, tokens, lengths, done, rng)
-  state = jax.lax.while_loop(cond, body, state)
-  _, _, _, _, _, tokens, lengths, done, _ = state
+  _, _, tokens, lengths, done, _ = jax.lax.while_loop(
+      cond, body, (jnp.int32(0), state, tokens, lengths, done, rng))
   return tokens, lengths, done
 
 
@@ -143,11 +166,11 @@ def _compiled(model: Molmo, sampling: SamplingConfig):
 
 def generate(model: Molmo, params: Any, batch: Mapping[str, Any], sampling: SamplingConfig,
              rng: Array | None = None) -> GenerationOutput:
-  """Generates for a right-padded batch (see molmo_jax.preprocess.examples.collate).
+  """Generates for a right-padded batch (see molmo_jax.preprocess.inputs.build_batch).
 
   The compiled function is cached per (model config, sampling config) and input shapes; bucket
-  prompt lengths (bucket_length) to keep the number of compilations small. Params may be sharded
-  over a mesh: run inside `molmo_jax.sharding.activate(mesh)`.
+  prompt lengths (molmo_jax.preprocess.inputs.bucket_length) to keep the number of compilations
+  small. Params may be sharded over a mesh: run inside `molmo_jax.sharding.activate(mesh)`.
   """
   keys = ("input_ids", "images", "image_masks", "image_input_idx", "position_ids")
   batch = {k: jnp.asarray(batch[k]) for k in keys if batch.get(k) is not None}

@@ -15,21 +15,21 @@ relative: Orbax wants absolute paths, so they are resolved here.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
 import shutil
-import uuid
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple
+from typing import Any, NamedTuple
 
 import etils.epath as epath
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from molmo_jax import errors
 from molmo_jax.config import MolmoConfig
+from molmo_jax.output_dirs import staged_directory
 
 PARAMS_DIR = "params"
 CONFIG_FILE = "config.json"
@@ -90,7 +90,10 @@ def check_tree_matches(stored: Any, expected: Any, where: str) -> None:
 
 
 def check_stored_tree(directory: Path, target: Any, where: str) -> None:
-  stored = ocp.StandardCheckpointHandler().metadata(epath.Path(absolute(directory))).tree
+  try:
+    stored = ocp.StandardCheckpointHandler().metadata(epath.Path(absolute(directory))).tree
+  except Exception as e:  # noqa: BLE001 - any failure to read _METADATA is unreadable storage
+    raise errors.unreadable_data(where, e) from e
   check_tree_matches(stored, target, where)
 
 
@@ -98,7 +101,10 @@ def _restore_pytree(directory: Path, target: Any, where: str) -> Any:
   if target is not None:
     check_stored_tree(directory, target, where)
   handler = ocp.StandardCheckpointHandler()
-  return handler.restore(epath.Path(absolute(directory)), args=ocp.args.StandardRestore(target))
+  try:
+    return handler.restore(epath.Path(absolute(directory)), args=ocp.args.StandardRestore(target))
+  except Exception as e:  # noqa: BLE001 - the tree matched, so a failure here is the stored bytes
+    raise errors.unreadable_data(where, e) from e
 
 
 def restore_params_only(path: str | os.PathLike, abstract_params: Any = None) -> Any:
@@ -159,34 +165,6 @@ def save_model_checkpoint(directory: str | os.PathLike, params: Any, config_json
     if tokenizer_dir is not None:
       shutil.copytree(tokenizer_dir, staging / TOKENIZER_DIR)
   return directory
-
-
-@contextlib.contextmanager
-def staged_directory(directory: Path) -> Iterator[Path]:
-  """Yields a hidden sibling folder to write into; on success it replaces `directory`, on any
-  error it is removed, so `directory` only ever holds a complete result (or its old contents)."""
-  directory = absolute(directory)
-  directory.parent.mkdir(parents=True, exist_ok=True)
-  staging = directory.parent / f".{directory.name}.partial-{uuid.uuid4().hex[:12]}"
-  try:
-    staging.mkdir()
-    yield staging
-    _replace_directory(staging, directory)
-  except BaseException:
-    shutil.rmtree(staging, ignore_errors=True)
-    raise
-
-
-def _replace_directory(staging: Path, directory: Path) -> None:
-  if not directory.exists():
-    os.rename(staging, directory)
-    return
-  # Two renames instead of rmtree-then-rename: at every instant `directory` is either the old
-  # complete model or the new one.
-  retired = directory.parent / f".{directory.name}.old-{uuid.uuid4().hex[:12]}"
-  os.rename(directory, retired)
-  os.rename(staging, directory)
-  shutil.rmtree(retired, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # Command-line modules: top-level tools, benchmarks, and the two tools inside the package.
-CLI_MODULES = {"train", "eval", "aot", "molmo_jax.predict", "molmo_jax.demo"} | {
+CLI_MODULES = {"train", "eval", "aot", "molmo_jax.predict", "molmo_jax.demo", "molmo_jax.serve.__main__"} | {
     f"benchmarks.{p.stem}" for p in (ROOT / "benchmarks").glob("*.py") if p.stem != "__init__"}
 DEMO_MODULES = {"molmo_jax.demo", "molmo_jax.data.synthetic", "molmo_jax.data.demo_tokenizer",
                 "molmo_jax.evals.synthetic_tasks"}

@@ -23,6 +23,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from molmo_jax import errors
 from molmo_jax.model_dir import check_stored_tree
 
 _ITEMS = ("params", "opt_state", "meta")
@@ -164,11 +165,18 @@ class TrainCheckpointer:
     if abstract_state.get("params") is not None:
       check_stored_tree(step_dir / "params", abstract_state["params"], f"checkpoint step {step}")
 
-    restored = self._manager.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(abstract_state.get("params")),
-        opt_state=ocp.args.StandardRestore(abstract_state.get("opt_state")),
-        meta=ocp.args.JsonRestore(),
-    ))
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(
+          params=ocp.args.StandardRestore(abstract_state.get("params")),
+          opt_state=ocp.args.StandardRestore(abstract_state.get("opt_state")),
+          meta=ocp.args.JsonRestore(),
+      ))
+    except (ValueError, TypeError) as e:
+      if errors.looks_like_bad_data(e):
+        raise errors.unreadable_data(f"checkpoint {step_dir}", e) from e
+      raise
+    except OSError as e:
+      raise errors.unreadable_data(f"checkpoint {step_dir}", e) from e
     meta = restored.meta
     return {
         "params": restored.params,

@@ -14,14 +14,21 @@
         written after its step's metrics were checked, so the last one on disk is good.
 
 Workdir layout: checkpoints/<step>/ (Orbax), tensorboard/ (event files), metrics.jsonl (one
-line per step, process 0), profile/ (jax.profiler traces), model_config.json, train_config.json,
-tokenizer/ and, when the run ends (finished or stopped by a signal), model/: a model directory
-(molmo_jax.model_dir) of the last step's parameters. Every model loader also takes the workdir
-itself (its latest checkpoint, or a chosen step).
+line per step, process 0; on resume the rows after the restored step are dropped, so after any
+kill exactly one row per step remains), profile/ (jax.profiler traces), model_config.json and
+train_config.json (a resume with another model or data config is refused before they are
+touched), .lock (one run per workdir; molmo_jax.training.workdir), tokenizer/ and, when the run
+ends (finished or stopped by a signal), model/: a model directory (molmo_jax.model_dir) of the
+last step's parameters. Every model loader also takes the workdir itself (its latest
+checkpoint, or a chosen step).
+SIGTERM / SIGINT are caught from the start of `train` (train.py installs the handler before
+importing JAX): a signal during set-up or compilation stops the run before or after its first
+step, never losing a checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -40,10 +47,11 @@ import numpy as np
 
 from molmo_jax import experiment as experiment_lib
 from molmo_jax import sharding as sharding_lib
-from molmo_jax.model_dir import (TOKENIZER_DIR, restore_params_only, save_model_checkpoint,
-                                 staged_directory)
+from molmo_jax.model_dir import TOKENIZER_DIR, restore_params_only, save_model_checkpoint
+from molmo_jax.output_dirs import staged_directory
 from molmo_jax.training import flops as flops_lib
 from molmo_jax.training import train_step as step_lib
+from molmo_jax.training import workdir as workdir_lib
 from molmo_jax.training.checkpoint import TrainCheckpointer
 
 _log = logging.getLogger("molmo_jax.train")
@@ -131,11 +139,13 @@ class MetricsLogger:
   """Console, metrics.jsonl and TensorBoard; everything is written by process 0 only."""
 
   def __init__(self, workdir: Path, log_every: int, tensorboard: bool, total_steps: int = 0,
-               is_moe: bool = True):
+               is_moe: bool = True, resume_step: int = 0):
     self.enabled = jax.process_index() == 0
     self.log_every = max(int(log_every), 1)
     self.total_steps = int(total_steps)
     self.is_moe = is_moe
+    if self.enabled:     # rows of steps the resumed run will replay go (one row per step)
+      workdir_lib.trim_metrics(workdir / "metrics.jsonl", resume_step)
     self._jsonl = open(workdir / "metrics.jsonl", "a") if self.enabled else None
     self._writer = None
     self._step_times: list[float] = []      # steps after the first of this (re)start
@@ -355,24 +365,37 @@ def configure_jax(config: Any) -> None:
         jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
 
 
-def train(config: Any, workdir: str | os.PathLike, data_iterator: Any = None) -> RunResult:
+def train(config: Any, workdir: str | os.PathLike, data_iterator: Any = None,
+          stop: StopRequest | None = None) -> RunResult:
   """Runs (or resumes) the job `config` describes in `workdir`; see the module docstring.
 
   data_iterator: optional replacement for the configured input pipeline: an iterator of local
     batches (dicts of numpy arrays, [global_batch / process_count, ...]) with get_state() /
     set_state() returning / taking JSON-able dicts, like pipeline.TrainIterator.
+  stop: a StopRequest the caller entered already (train.py does so before importing JAX, so a
+    SIGTERM during start-up is honoured); by default one is installed before anything compiles.
   """
+  with contextlib.ExitStack() as stack:
+    if stop is None:
+      stop = stack.enter_context(StopRequest())
+    return _train(config, workdir, data_iterator, stop, stack)
+
+
+def _train(config: Any, workdir: str | os.PathLike, data_iterator: Any, stop: StopRequest,
+           stack: contextlib.ExitStack) -> RunResult:
   initialize_distributed(config.get("distributed") or {})
   configure_jax(config)
   if jax.process_index() != 0:    # progress is reported by process 0; others only warn
     logging.getLogger("molmo_jax").setLevel(logging.WARNING)
   workdir = Path(os.path.abspath(Path(workdir).expanduser()))
   workdir.mkdir(parents=True, exist_ok=True)
+  if jax.process_index() == 0:    # before anything in the workdir is read or written
+    stack.enter_context(workdir_lib.WorkdirLock(workdir))
   exp = experiment_lib.build(config)
   if jax.process_index() == 0:
     _warn_if_total_steps_changed(workdir, exp.total_steps)
-    (workdir / "model_config.json").write_text(exp.model_config.to_json())
-    (workdir / "train_config.json").write_text(config.to_json_best_effort(indent=2))
+    workdir_lib.check_and_record_configs(workdir, exp.model_config.to_json(),
+                                         config.to_json_best_effort(indent=2))
   total_steps = exp.total_steps
   step_fn = exp.train_step
   tokenizer = None
@@ -385,18 +408,17 @@ def train(config: Any, workdir: str | os.PathLike, data_iterator: Any = None) ->
   ckpt = TrainCheckpointer(workdir / "checkpoints", save_every=int(ckpt_cfg.save_every),
                            keep=int(ckpt_cfg.keep) or None, async_save=bool(ckpt_cfg.async_save))
   logger = MetricsLogger(workdir, config.log_every, bool(config.tensorboard), total_steps,
-                         exp.model_config.llm.is_moe)
+                         exp.model_config.llm.is_moe, resume_step=ckpt.latest_step() or 0)
   try:
     state = _restore_or_init(exp, ckpt, data_iterator)
     throughput = _Throughput(exp.step_flops(), exp.data_config.global_batch_size,
                              jax.device_count(), _peak_flops(config))
     profiler = Profiler(workdir, config.profile.start_step, config.profile.num_steps)
-    with StopRequest() as stop:
-      result, state = _run_steps(config, state, step_fn, data_iterator, exp.mesh, ckpt, logger,
-                                 throughput, profiler, stop, total_steps,
-                                 PaddingCheck(exp.data_config.seq_len, min(10, total_steps)))
+    result, state = _run_steps(config, state, step_fn, data_iterator, exp.mesh, ckpt, logger,
+                               throughput, profiler, stop, total_steps,
+                               PaddingCheck(exp.data_config.seq_len, min(10, total_steps)))
     ckpt.wait_until_finished()
-    if config.get("export_model", True):
+    if config.get("export_model", True) and result.last_metrics:   # not when stopped before a step
       export_model(workdir, exp.model_config, state.params, result.step)
     return result
   finally:
@@ -487,7 +509,12 @@ def _run_steps(config, state, step_fn, data_iter: Iterator, mesh, ckpt: TrainChe
     return values
 
   throughput.start()
-  stopped = False
+  stopped = stop.agreed()
+  if stopped:      # signalled during start-up: nothing new to save, the workdir is as it was
+    why = signal.Signals(stop.received).name if stop.received else "another process's signal"
+    _log.warning("%s before the first step: stopped at step %d; rerun the same command to resume",
+                 why, step)
+    return RunResult(step=step, stopped_by_signal=True, last_metrics={}), state
   while step < total_steps:
     local = next(data_iter)
     tokens = int(np.count_nonzero(np.asarray(local["input_ids"]) >= 0)) * jax.process_count()
