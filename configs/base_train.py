@@ -9,7 +9,8 @@ Field reference (all overridable with --config.<path>=value):
   model.remat_policy    none | full | dots | dots_no_batch | qkv_proj | minimal (scanned layers)
   model.{llm,vision,connector,preprocess}.<field>   any MolmoConfig field, e.g. dropout rates
                         (None = the preset's / init_from's value; recipes set them with .update)
-  init_from             model directory (converted checkpoint) whose params start the run; ignored
+  init_from             model directory (converted checkpoint) or training workdir (its latest
+                        checkpoint) whose params start the run; ignored
                         once the workdir holds a checkpoint (the run then resumes from it)
   tokenizer_dir         tokenizer.json directory; default <init_from>/tokenizer
   plugins               modules to import first: they register data source kinds, tokenizers,
@@ -22,6 +23,7 @@ Field reference (all overridable with --config.<path>=value):
   export_model          write <workdir>/model/ when the run ends (finished or stopped by a signal)
   compilation_cache_dir persistent compilation cache (a restart after pre-emption skips compiling)
   profile.{start_step,num_steps}  jax.profiler trace window (start_step 0 = off)
+  preview.{every,num_examples,max_new_tokens,source}  pictures while training (TensorBoard)
   distributed.*         multi-host start-up (see molmo_jax.training.loop.initialize_distributed)
 
 Every field is listed with its value by `python train.py --config <recipe> --help`.
@@ -71,10 +73,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.plugins = ()                   # modules that register data source kinds, tokenizers, tasks
   c.init_from = ""
   c.tokenizer_dir = ""
-  c.seed = 6198                    # the reference's run seed (spec §8.3)
+  c.seed = 6198                    # the reference's run seed (the reference's launch_scripts/train_multitask_model.py and train_captioner.py)
   c.total_steps = 1000
   c.micro_batches = 1
-  c.z_loss_weight = 1e-4           # softmax_auxiliary_loss (spec §8.1)
+  c.z_loss_weight = 1e-4           # softmax_auxiliary_loss (the reference's olmo/train.py (loss))
 
   # AdamW per component, warmup from 0 then cosine to alpha_f * lr, per-component clip 1.0.
   c.optimizer = ml_collections.ConfigDict(dict(
@@ -98,6 +100,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.compilation_cache_dir = ""     # persistent XLA cache: restarts skip compiling the step
   c.log_every = 10
   c.tensorboard = True
+  # Every `every` steps (0 = off): answer the first `num_examples` examples of `source` (default:
+  # the first training source) and log images with points drawn + text to TensorBoard.
+  c.preview = ml_collections.ConfigDict(dict(every=0, num_examples=4, max_new_tokens=64,
+                                             source={}))
   c.profile = ml_collections.ConfigDict(dict(start_step=0, num_steps=5))
   c.distributed = ml_collections.ConfigDict(dict(
       initialize="auto", coordinator_address="", num_processes=1, process_id=0, cpu_collectives=""))

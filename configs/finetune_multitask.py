@@ -1,4 +1,4 @@
-"""Stage 2: multitask fine-tuning on the "3.2-synthetic" mixture (spec §8.3, right column).
+"""Stage 2: multitask fine-tuning on the "3.2-synthetic" mixture (the reference's launch_scripts/train_multitask_model.py and train_captioner.py, right column).
 
   python train.py --config configs/finetune_multitask.py:model=molmo-7b-d,data_root=/data \
       --workdir /ckpt/ft-7b-d \

@@ -1,4 +1,4 @@
-"""Stage 1: dense captioning pre-training on PixMo-Cap (spec §8.3, left column).
+"""Stage 1: dense captioning pre-training on PixMo-Cap (the reference's launch_scripts/train_multitask_model.py and train_captioner.py, left column).
 
   python train.py --config configs/pretrain_captioner.py:molmo-7b-d --workdir /ckpt/cap-7b-d \
       --config.init_from=/ckpt/molmo-7b-d-initial \

@@ -1,4 +1,4 @@
-"""Assemble an initial (untrained) Molmo from a CLIP directory and an LLM directory (spec §6.6).
+"""Assemble an initial (untrained) Molmo from a CLIP directory and an LLM directory (the reference's scripts/convert_hf_to_molmo.py).
 
   python -m convert.build_initial --clip DIR --llm DIR --out DIR [--preset molmo-7b-d]
 

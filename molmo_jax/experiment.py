@@ -67,10 +67,8 @@ def build_model_config(model: Mapping[str, Any], init_from: str = "") -> MolmoCo
   elif name:
     cfg = model_config_lib.preset(name)
   elif init_from:
-    path = Path(init_from) / "config.json"
-    if not path.is_file():
-      raise FileNotFoundError(f"model.name is empty and init_from has no config.json ({path})")
-    cfg = MolmoConfig.from_json(path.read_text())
+    from molmo_jax.model_dir import locate_model
+    cfg = locate_model(init_from).read_config()     # a model directory or a training workdir
   else:
     raise ValueError("config.model.name: give a preset (e.g. molmo-7b-d), tiny-<family>, or set "
                      "init_from to a converted model directory")
@@ -103,7 +101,11 @@ def data_config(data: Mapping[str, Any]):
 
 def tokenizer_location(tokenizer_dir: str, init_from: str) -> str:
   """`config.tokenizer_dir` ("builtin:<name>" or a directory), else init_from's tokenizer/."""
-  location = tokenizer_dir or (str(Path(init_from) / "tokenizer") if init_from else "")
+  location = tokenizer_dir
+  if not location and init_from:
+    from molmo_jax.model_dir import locate_model
+    found = locate_model(init_from).tokenizer_dir
+    location = str(found) if found else str(Path(init_from) / "tokenizer")
   if not location:
     raise ValueError("config.tokenizer_dir: set it to a directory with tokenizer.json (or a "
                      "registered 'builtin:<name>'), or use init_from with a tokenizer/ inside")

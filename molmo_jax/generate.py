@@ -6,7 +6,7 @@ N crops, P patches, Q pooled cells.
 Prompts are right-padded with -1 as the reference collator does. Slot s of the cache holds the
 prompt token s (s < T) or generated token s - T. A key slot is attended iff it holds a real token
 and comes no later than the query. Positions continue from each example's last valid prompt
-token, so padding never shifts RoPE phases (spec §7.5). The vision tower runs once, inside the
+token, so padding never shifts RoPE phases (the reference's olmo/model.py (generate)). The vision tower runs once, inside the
 prefill.
 """
 

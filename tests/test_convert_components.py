@@ -296,7 +296,7 @@ def test_build_initial_checks_preset(component_dirs, tmp_path):
   assert not (tmp_path / "model").exists()
 
 
-# config.json of each release's base components, with the sizes of spec §3.1 / §5.1 (no weights).
+# config.json of each release's base components, with the sizes of the reference's olmo/image_vit.py (CLIP ViT-L/14-336) / the reference's launch_scripts/utils.py (model presets) (no weights).
 # Numeric-only fields (eps, RoPE) may differ from the preset: the preset wins, with a notice.
 _CLIP_L14_336 = {"model_type": "clip", "vision_config": {
     "hidden_size": 1024, "intermediate_size": 4096, "num_attention_heads": 16,

@@ -1,4 +1,4 @@
-"""Data sources and the grain input pipeline (molmo_jax.data; spec §2.5, §8.2-8.3)."""
+"""Data sources and the grain input pipeline (molmo_jax.data; the reference's olmo/data/collator.py; olmo/data/model_preprocessor.py (several conversations per image))."""
 
 import json
 import math

@@ -72,6 +72,25 @@ def logits(cfg, params) -> np.ndarray:
   return np.asarray(out)
 
 
+def event_tags(directory: Path) -> dict[str, set[str]]:
+  """Summary tags by kind in TensorBoard event files (TFRecord framing, tensorboardX protos)."""
+  import struct
+  from tensorboardX.proto import event_pb2
+  tags = {"image": set(), "text": set(), "scalar": set()}
+  for path in directory.glob("events.out.tfevents.*"):
+    data = path.read_bytes()
+    offset = 0
+    while offset < len(data):
+      (length,) = struct.unpack("<Q", data[offset:offset + 8])
+      event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+      offset += 12 + length + 4
+      for value in event.summary.value:
+        kind = ("image" if value.HasField("image") else
+                "text" if value.metadata.plugin_data.plugin_name == "text" else "scalar")
+        tags[kind].add(value.tag)
+  return tags
+
+
 @pytest.mark.slow
 def test_data_train_predict_eval_export_with_relative_paths(tmp_path):
   cfg = base_model(tmp_path)
@@ -79,13 +98,18 @@ def test_data_train_predict_eval_export_with_relative_paths(tmp_path):
   recipe = os.path.relpath(REPO / "configs" / "finetune_custom.py", tmp_path)
   out = run(tmp_path, str(REPO / "train.py"), "--config", f"{recipe}:model=base,data=data/train.jsonl",
             "--workdir", "run", "--config.total_steps=3", "--config.data.global_batch_size=8",
-            "--config.data.seq_len=160", "--config.data.num_workers=0", "--config.mesh.data=-1",
+            "--config.data.seq_len=448", "--config.data.num_workers=0", "--config.mesh.data=-1",
             "--config.mesh.fsdp=1", "--config.model.dtype=float32", "--config.model.remat_policy=none",
-            "--config.checkpoint.save_every=2", "--config.tensorboard=false",
-            "--config.optimizer.llm.warmup_steps=1", "--config.optimizer.vit.warmup_steps=1",
-            "--config.optimizer.connector.warmup_steps=1")
+            "--config.checkpoint.save_every=2", "--config.preview.every=3",
+            "--config.preview.num_examples=2", "--config.preview.max_new_tokens=4")
+  # Defaults that scale down: the recipe's 50-step warmup is clamped, padding is reported.
+  assert "warmup_steps=50 is >= total_steps=3" in out and "% padding" in out
+  assert "compiling the train step" in out and "saved checkpoint 3" in out and "step 3/3" in out
   run_dir = tmp_path / "run"
   assert (run_dir / "model" / "config.json").is_file() and (run_dir / "model" / "tokenizer").is_dir()
+  tags = event_tags(run_dir / "tensorboard")
+  assert {"preview/0", "preview/1"} <= tags["image"] and "preview/0/text_summary" in tags["text"]
+  assert "loss" in tags["scalar"] and not any(t.startswith("moe_") for t in tags["scalar"])
   source = locate_model(run_dir)
   assert source.step == 3 and locate_model(run_dir, step=2).step == 2
   trained = load_model_checkpoint(run_dir)

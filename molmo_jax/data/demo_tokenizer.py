@@ -32,7 +32,7 @@ _CORPUS_SEED = 1234
 
 
 def chat_text(style: str, question: str, answer: str) -> str:
-  """One turn in the reference chat format (spec §7.1, §7.2), without the EOS token.
+  """One turn in the reference chat format (the reference's olmo/data/data_formatter.py (chat format); olmo/data/data_formatter.py (style prefixes)), without the EOS token.
 
   The corpus leaves EOS out because the BPE trainer would otherwise learn merges of its characters.
   """

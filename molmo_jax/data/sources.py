@@ -6,12 +6,12 @@ and returns records in one schema, whatever the storage:
 
   {"image":         path str | encoded bytes | uint8 array [H, W, 3] | None (text only),
    "conversations": [[user, assistant, user, assistant, ...], ...]   one or more, plain str turns,
-   "style":         str | None,        the "{style}:" prompt prefix (spec §7.2)
-   "weight":        float,             only when the data gives one (loss weight, spec §8.1)
+   "style":         str | None,        the "{style}:" prompt prefix (the reference's olmo/data/data_formatter.py (style prefixes))
+   "weight":        float,             only when the data gives one (loss weight, the reference's olmo/train.py (loss))
    ...}                                any other fields of the data, kept as task metadata
 
 Several conversations about one image are packed into one training example by the pipeline
-(spec §8.2). Turns alternate user / assistant, start with the user and end with an answer.
+(the reference's olmo/data/model_preprocessor.py (several conversations per image)). Turns alternate user / assistant, start with the user and end with an answer.
 The JSONL manifest format is documented with examples in docs/data.md.
 
 Legend: K = points of one pointing/counting record, given as [K, 2] (x, y).
@@ -416,11 +416,11 @@ class SourceConfig:
     name: unique name (errors and statistics use it).
     kind: a registered source kind: "jsonl", "hf", or one a plugin adds ("synthetic").
     path: manifest file (jsonl) or dataset directory / parquet file(s) (hf).
-    rate: explicit mixture rate; leave None everywhere to use the sqrt(size) rule (spec §8.3).
+    rate: explicit mixture rate; leave None everywhere to use the sqrt(size) rule (the reference's launch_scripts/train_multitask_model.py and train_captioner.py).
     size: size that the sqrt rule counts instead of the true length (e.g. pixmo_cap as 50,000).
     group: group of the sqrt rule when the config gives group rates.
     style: style for records that carry none.
-    message_format: "role" (User:/Assistant:) or "none" (captioning stage, spec §7.1).
+    message_format: "role" (User:/Assistant:) or "none" (captioning stage, the reference's olmo/data/data_formatter.py (chat format)).
     options: kind-specific (`SourceKind.options`): jsonl {image_root, check_images}; hf (see
       `HFSource`); synthetic {num_examples, seed, split, task, config (SyntheticConfig fields)}.
   """

@@ -40,7 +40,7 @@ NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "
 BACKGROUNDS = ("plain", "gradient", "noise")
 TASKS = ("count", "points", "caption")
 
-# Which reference style each task trains (spec §7.2).
+# Which reference style each task trains (the reference's olmo/data/data_formatter.py (style prefixes)).
 TASK_STYLES = {"count": "point_count", "points": "pointing", "caption": "long_caption"}
 COUNT_TEMPLATES = ("How many {label} are there?", "Count the {label}.")
 POINT_TEMPLATES = ("Point to the {label}.", 'Point to all occurrences of "{label}"')
@@ -328,7 +328,7 @@ def _example(scene, task, question, answer, indices, label) -> dict:
 
 
 def count_example(scene: SyntheticScene, rng: np.random.Generator, config: SyntheticConfig) -> dict:
-  """"How many red circles are there?" answered in the reference counting format (spec §7.4)."""
+  """"How many red circles are there?" answered in the reference counting format (the reference's olmo/data/data_formatter.py (point and count answers))."""
   colour, shape = _query_kind(scene, rng, config)
   label = kind_label(colour, shape)
   indices = scene.indices_of(colour, shape)

@@ -1,4 +1,4 @@
-"""Per-benchmark rows -> examples (prompt, style, targets) and predictions -> scores (spec §7.2-7.3, §9).
+"""Per-benchmark rows -> examples (prompt, style, targets) and predictions -> scores (the reference's olmo/data/data_formatter.py (style prefixes); launch_scripts/eval_downstream.py).
 
 Each `parse_*` maps one raw row (see readers.py for the storage formats) to an `EvalExample`, raising
 `BadRow` for a row that cannot be evaluated. Each `score_*` maps the decoded answer of one example
@@ -54,7 +54,7 @@ class EvalExample:
 
   @property
   def full_prompt(self) -> str:
-    """What the model is asked: "{style}: {prompt}" (no prefix for demo styles, spec §7.2)."""
+    """What the model is asked: "{style}: {prompt}" (no prefix for demo styles, the reference's olmo/data/data_formatter.py (style prefixes))."""
     return with_style(self.prompt, self.style)
 
 

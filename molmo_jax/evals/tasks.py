@@ -1,4 +1,4 @@
-"""The benchmark task registry (spec §9): what to read, how to ask, how to score, what the paper got.
+"""The benchmark task registry (the reference's launch_scripts/eval_downstream.py): what to read, how to ask, how to score, what the paper got.
 
     from molmo_jax.evals import tasks
     task = tasks.get_task("chartqa")
@@ -8,7 +8,7 @@ A `Task` bundles the reader of the data as users keep it (readers.py), the promp
 (benchmarks.py), the generation settings the paper used (36 crops for the high-resolution set, the
 model's 12 for counting; 12 new tokens, 192 for pointing/counting) and the metric. `PAPER_TABLE_1`
 holds the released models' numbers from the paper's Table 1 (arXiv 2409.17146); the spec itself only
-gives the 11-benchmark averages (68.6 / 74.6 / 77.3 / 81.2, spec §9.3), which these rows reproduce.
+gives the 11-benchmark averages (68.6 / 74.6 / 77.3 / 81.2, the reference's README (reported numbers), which these rows reproduce.
 Tasks outside Table 1 (PixMo-Points, the demo's synthetic tasks) have no paper number.
 
 `TASKS` is a registry: other modules add tasks when imported (`register_task`), e.g. the demo's
@@ -47,7 +47,7 @@ _TABLE_1_ROWS = {
 # task -> {model preset name -> score in percent}
 PAPER_TABLE_1: dict[str, dict[str, float]] = {
   task: {model: row[i] for model, row in _TABLE_1_ROWS.items()} for i, task in enumerate(ACADEMIC_TASKS)}
-# README / spec §9.3 averages over the 11 benchmarks.
+# README / the reference's README (reported numbers) averages over the 11 benchmarks.
 PAPER_AVERAGE = {"molmoe-1b": 68.6, "molmo-7b-o": 74.6, "molmo-7b-d": 77.3, "molmo-72b": 81.2}
 
 

@@ -47,7 +47,8 @@ import numpy as np
 
 from molmo_jax import experiment as experiment_lib
 from molmo_jax import sharding as sharding_lib
-from molmo_jax.model_dir import TOKENIZER_DIR, restore_params_only, save_model_checkpoint
+from molmo_jax.model_dir import (TOKENIZER_DIR, locate_model, restore_params_only,
+                                 save_model_checkpoint)
 from molmo_jax.output_dirs import staged_directory
 from molmo_jax.training import flops as flops_lib
 from molmo_jax.training import train_step as step_lib
@@ -345,7 +346,11 @@ def _restore_or_init(exp: experiment_lib.Experiment, ckpt: TrainCheckpointer,
                                opt_state=restored["opt_state"], rng=restored["rng"])
   params = None
   if config.get("init_from"):
-    params = restore_params_only(config.init_from, abstract.params)
+    try:     # a model directory or a training workdir (its latest step) ...
+      where = locate_model(config.init_from).params_dir
+    except FileNotFoundError:   # ... or a checkpoint step / Orbax PyTree directory itself
+      where = config.init_from
+    params = restore_params_only(where, abstract.params)
     _log.info("initialised parameters from %s", config.init_from)
   return exp.init_state(params=params)
 
@@ -414,9 +419,10 @@ def _train(config: Any, workdir: str | os.PathLike, data_iterator: Any, stop: St
     throughput = _Throughput(exp.step_flops(), exp.data_config.global_batch_size,
                              jax.device_count(), _peak_flops(config))
     profiler = Profiler(workdir, config.profile.start_step, config.profile.num_steps)
+    preview = _make_preview(exp, config, tokenizer, logger)
     result, state = _run_steps(config, state, step_fn, data_iterator, exp.mesh, ckpt, logger,
                                throughput, profiler, stop, total_steps,
-                               PaddingCheck(exp.data_config.seq_len, min(10, total_steps)))
+                               PaddingCheck(exp.data_config.seq_len, min(10, total_steps)), preview)
     ckpt.wait_until_finished()
     if config.get("export_model", True) and result.last_metrics:   # not when stopped before a step
       export_model(workdir, exp.model_config, state.params, result.step)
@@ -444,6 +450,23 @@ def _warn_if_total_steps_changed(workdir: Path, total_steps: int) -> None:
                  steps[-1] + 1, total_steps,
                  "jumps up: the decay is stretched" if total_steps > before
                  else "drops: the decay is compressed")
+
+
+def _make_preview(exp: experiment_lib.Experiment, config: Any, tokenizer: Any,
+                  logger: MetricsLogger) -> Any:
+  """The training preview (molmo_jax.training.preview) when config.preview.every > 0."""
+  options = config.get("preview") or {}
+  if int(options.get("every", 0) or 0) <= 0 or logger.writer is None:
+    return None
+  from molmo_jax.training.preview import TrainingPreview
+  try:
+    tokenizer = tokenizer or exp.tokenizer()
+    return TrainingPreview(exp, tokenizer, logger.writer, int(options["every"]),
+                           int(options.get("num_examples", 4)),
+                           int(options.get("max_new_tokens", 64)), options.get("source") or None)
+  except (ValueError, FileNotFoundError, OSError) as e:
+    _log.warning("no training preview: %s", e)
+    return None
 
 
 def _save_tokenizer(workdir: Path, exp: experiment_lib.Experiment, tokenizer: Any) -> None:
@@ -486,8 +509,8 @@ def export_model(workdir: Path, model_cfg: Any, params: Any, step: int) -> Path 
 
 def _run_steps(config, state, step_fn, data_iter: Iterator, mesh, ckpt: TrainCheckpointer,
                logger: MetricsLogger, throughput: _Throughput, profiler: Profiler,
-               stop: StopRequest, total_steps: int, padding: PaddingCheck | None = None
-               ) -> tuple[RunResult, Any]:
+               stop: StopRequest, total_steps: int, padding: PaddingCheck | None = None,
+               preview: Any = None) -> tuple[RunResult, Any]:
   step = int(jax.device_get(state.step))
   first_step = step + 1
   sleep = float(config.get("debug_step_sleep_s") or 0.0)
@@ -528,6 +551,8 @@ def _run_steps(config, state, step_fn, data_iter: Iterator, mesh, ckpt: TrainChe
     if pending is not None:          # the previous step has finished by now, or nearly
       last = report(pending)
     pending = _Pending(step, metrics, tokens)
+    if preview is not None and preview.due(step):
+      preview.log(step, state.params)
     if sleep:
       time.sleep(sleep)
     stopped = stop.agreed()

@@ -1,4 +1,4 @@
-"""AdamW with per-component parameter groups, schedules and gradient clipping (spec §8.3).
+"""AdamW with per-component parameter groups, schedules and gradient clipping (the reference's launch_scripts/train_multitask_model.py and train_captioner.py).
 
 Molmo trains three components with their own learning rate and warmup: the connector (plus the
 new token embeddings), the ViT and the LLM. The pretrained input-embedding table is frozen
