@@ -17,7 +17,7 @@ import sys
 
 from absl import flags
 
-from molmo_jax import config_cli
+from molmo_jax import config_cli, errors
 
 FLAGS = flags.FlagValues()
 CONFIG = config_cli.define_config(FLAGS)
@@ -37,24 +37,24 @@ def main(argv: list[str] | None = None) -> int:
     config_cli.require([CONFIG, TOPOLOGY])
     aot.parse_topology(TOPOLOGY.value)
   except (config_cli.UsageError, ValueError) as e:
-    print(f"aot.py: error: {e}", file=sys.stderr)
-    return config_cli.USAGE_EXIT
+    print(f"error: aot.py: {e}", file=sys.stderr)
+    return errors.EXIT_USAGE
   report = aot.compile_train_step(CONFIG.value, TOPOLOGY.value)
   if JSON.value:
     print(json.dumps(report.to_json(), indent=2))
-    return 0 if report.fits else 3
+    return 0 if report.fits else errors.EXIT_DOES_NOT_FIT
   print(aot.format_report(report))
   groups = aot.sharding_by_logical_axis(report)
   print("  parameter sharding (PartitionSpec: parameters)")
   for spec, paths in sorted(groups.items(), key=lambda kv: -len(kv[1])):
     shown = paths if SHOW_SHARDING.value else paths[:3] + (["..."] if len(paths) > 3 else [])
     print(f"    {spec}: {len(paths)} -> {', '.join(shown)}")
-  return 0 if report.fits else 3
+  return 0 if report.fits else errors.EXIT_DOES_NOT_FIT
 
 
 def run() -> None:
   """Console entry point (`molmo-aot`)."""
-  sys.exit(main())
+  sys.exit(errors.run_main(main, sys.argv[1:]))
 
 
 if __name__ == "__main__":

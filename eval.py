@@ -13,7 +13,8 @@
 Generation is greedy, batched and data-parallel over every local device (the batch is rounded up to
 a multiple of the device count). Crops and max_new_tokens default to the paper's per-task settings.
 Prints a table of our score beside the paper's Table-1 number for the checkpoint's model.
-Exit status: 0 on success, 2 for a usage or data error.
+An empty data file, or one whose examples are all skipped, is an error (exit 2) naming it; with
+`all`, the task folders found and missing are listed (none found is an error).
 """
 
 from __future__ import annotations
@@ -58,10 +59,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="comma-separated modules to import first; they register more tasks "
                       "(default: the demo's synthetic_count / synthetic_points)")
   args = p.parse_args(argv)
-  if args.limit is not None and args.limit < 1:
-    p.error(f"--limit must be positive, got {args.limit}")
-  if args.batch_size < 1:
-    p.error(f"--batch-size must be positive, got {args.batch_size}")
+  for name in ("limit", "batch_size", "max_crops", "max_new_tokens"):
+    value = getattr(args, name)
+    if value is not None and value < 1:
+      p.error(f"--{name.replace('_', '-')}: expected >= 1, got {value}")
   return args
 
 
@@ -104,6 +105,7 @@ def main(argv=None) -> int:
       results, average, missing = suite["results"], suite["average"], suite["missing"]
       if args.output:
         from pathlib import Path
+        Path(args.output).mkdir(parents=True, exist_ok=True)
         (Path(args.output) / "summary.json").write_text(json.dumps(suite, indent=2) + "\n")
     else:
       task_options = {"seed": args.seed} if "seed" in tasks.get_task(args.task).options else None

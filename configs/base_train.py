@@ -7,6 +7,7 @@ Field reference (all overridable with --config.<path>=value):
                         "" to take init_from's config.json
   model.dtype           compute dtype (bfloat16 on accelerators); params stay model.param_dtype
   model.remat_policy    none | full | dots | dots_no_batch | qkv_proj | minimal (scanned layers)
+  model.scan_unroll     layers per iteration of the layer scans (1; >= layers unrolls: faster on CPU)
   model.{llm,vision,connector,preprocess}.<field>   any MolmoConfig field, e.g. dropout rates
                         (None = the preset's / init_from's value; recipes set them with .update)
   init_from             model directory (converted checkpoint) or training workdir (its latest
@@ -68,7 +69,7 @@ def model_section(name: str) -> ml_collections.ConfigDict:
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.model = ml_collections.ConfigDict(dict(
-      name="", dtype="bfloat16", param_dtype="float32", remat_policy="full",
+      name="", dtype="bfloat16", param_dtype="float32", remat_policy="full", scan_unroll=1,
       **{name: model_section(name) for name in _SECTIONS}))
   c.plugins = ()                   # modules that register data source kinds, tokenizers, tasks
   c.init_from = ""

@@ -39,6 +39,8 @@ def get_config(arg: str | None = None):
   c.model.name = "tiny-qwen2"
   c.model.dtype = "float32"
   c.model.remat_policy = "none"
+  # CPU: unrolled layer loops (3 ViT blocks, 3 decoder layers) skip the scans' stacked buffers.
+  c.model.scan_unroll = 3
   for section in ("vision", "connector", "llm", "preprocess"):
     c.model[section].update(DEMO_MODEL[section])
   # The synthetic source kind and the demo tokenizer register themselves on import.

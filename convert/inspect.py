@@ -10,7 +10,6 @@ line per tensor (name, shape, dtype, size), per-component totals and the grand t
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -19,6 +18,7 @@ from pathlib import Path
 
 from convert.orbax_to_hf import OrbaxParams
 from convert.safetensors_io import INDEX_FILE, SafetensorsDir
+from molmo_jax import errors
 from molmo_jax.model_dir import absolute, is_training_workdir, locate_model
 
 _HF_COMPONENTS = (("model.vision_backbone.image_vit.", "vision"), ("model.vision_backbone.", "connector"),
@@ -76,18 +76,14 @@ def _human(nbytes: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  parser = errors.ArgumentParser(prog="python -m convert.inspect", description=__doc__)
   parser.add_argument("checkpoint", help="HF release directory, model directory, training workdir "
                       "or Orbax PyTree directory")
   parser.add_argument("--filter", default="", help="only tensors whose name contains this")
   parser.add_argument("--step", type=int, default=None,
                       help="training step when checkpoint is a training workdir (default: latest)")
   args = parser.parse_args(argv)
-  try:
-    kind, rows = describe(args.checkpoint, args.step)
-  except (OSError, ValueError) as e:
-    parser.exit(2, f"error: {e}\n")
+  kind, rows = describe(args.checkpoint, args.step)
   rows = [r for r in rows if args.filter in r[0]]
   width = max((len(r[0]) for r in rows), default=10)
   print(f"{args.checkpoint}: {kind}")
@@ -111,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def run() -> None:
   """Console entry point (`molmo-inspect`)."""
-  sys.exit(main())
+  sys.exit(errors.run_main(main))
 
 
 if __name__ == "__main__":

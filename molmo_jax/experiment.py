@@ -72,7 +72,8 @@ def build_model_config(model: Mapping[str, Any], init_from: str = "") -> MolmoCo
   else:
     raise ValueError("config.model.name: give a preset (e.g. molmo-7b-d), tiny-<family>, or set "
                      "init_from to a converted model directory")
-  top = {k: model[k] for k in ("dtype", "param_dtype", "remat_policy") if model.get(k)}
+  top = {k: model[k] for k in ("dtype", "param_dtype", "remat_policy", "scan_unroll")
+         if model.get(k)}
   for section in _MODEL_SECTIONS:
     # Unset fields (None: the recipe's typed placeholders) keep the preset's value.
     overrides = {k: v for k, v in dict(model.get(section) or {}).items() if v is not None}

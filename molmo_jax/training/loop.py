@@ -36,7 +36,6 @@ import math
 import os
 import shutil
 import signal
-import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -45,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from molmo_jax import errors
 from molmo_jax import experiment as experiment_lib
 from molmo_jax import sharding as sharding_lib
 from molmo_jax.model_dir import (TOKENIZER_DIR, locate_model, restore_params_only,
@@ -104,36 +104,20 @@ def initialize_distributed(dist: Mapping[str, Any]) -> None:
   jax.distributed.initialize(**kwargs)
 
 
-class StopRequest:
+class StopRequest(errors.DeferredInterrupt):
   """Turns SIGTERM/SIGINT into a flag the loop polls; a second SIGINT raises KeyboardInterrupt."""
 
-  def __init__(self):
-    self.received: int | None = None
-    self._previous: dict[int, Any] = {}
-
-  def _handle(self, signum, frame):
-    del frame
-    if self.received == signal.SIGINT and signum == signal.SIGINT:
-      raise KeyboardInterrupt
-    self.received = signum      # only a flag: the loop reports it (no I/O inside the handler)
-
-  def __enter__(self) -> "StopRequest":
-    if threading.current_thread() is threading.main_thread():
-      for signum in (signal.SIGTERM, signal.SIGINT):
-        self._previous[signum] = signal.signal(signum, self._handle)
-    return self
-
-  def __exit__(self, *exc) -> None:
-    for signum, handler in self._previous.items():
-      signal.signal(signum, handler)
-
   def agreed(self) -> bool:
-    """True on every process when any process was signalled (all must save the same step)."""
-    local = self.received is not None
-    if jax.process_count() == 1:
-      return local
-    from jax.experimental import multihost_utils
-    return bool(np.max(multihost_utils.process_allgather(np.int32(local))))
+    return stop_agreed(self)
+
+
+def stop_agreed(stop: errors.DeferredInterrupt) -> bool:
+  """True on every process when any process was signalled (all must save the same step)."""
+  local = stop.received is not None
+  if jax.process_count() == 1:
+    return local
+  from jax.experimental import multihost_utils
+  return bool(np.max(multihost_utils.process_allgather(np.int32(local))))
 
 
 class MetricsLogger:
@@ -371,7 +355,7 @@ def configure_jax(config: Any) -> None:
 
 
 def train(config: Any, workdir: str | os.PathLike, data_iterator: Any = None,
-          stop: StopRequest | None = None) -> RunResult:
+          stop: errors.DeferredInterrupt | None = None) -> RunResult:
   """Runs (or resumes) the job `config` describes in `workdir`; see the module docstring.
 
   data_iterator: optional replacement for the configured input pipeline: an iterator of local
@@ -386,7 +370,8 @@ def train(config: Any, workdir: str | os.PathLike, data_iterator: Any = None,
     return _train(config, workdir, data_iterator, stop, stack)
 
 
-def _train(config: Any, workdir: str | os.PathLike, data_iterator: Any, stop: StopRequest,
+def _train(config: Any, workdir: str | os.PathLike, data_iterator: Any,
+           stop: errors.DeferredInterrupt,
            stack: contextlib.ExitStack) -> RunResult:
   initialize_distributed(config.get("distributed") or {})
   configure_jax(config)
@@ -509,7 +494,7 @@ def export_model(workdir: Path, model_cfg: Any, params: Any, step: int) -> Path 
 
 def _run_steps(config, state, step_fn, data_iter: Iterator, mesh, ckpt: TrainCheckpointer,
                logger: MetricsLogger, throughput: _Throughput, profiler: Profiler,
-               stop: StopRequest, total_steps: int, padding: PaddingCheck | None = None,
+               stop: errors.DeferredInterrupt, total_steps: int, padding: PaddingCheck | None = None,
                preview: Any = None) -> tuple[RunResult, Any]:
   step = int(jax.device_get(state.step))
   first_step = step + 1
@@ -532,8 +517,8 @@ def _run_steps(config, state, step_fn, data_iter: Iterator, mesh, ckpt: TrainChe
     return values
 
   throughput.start()
-  stopped = stop.agreed()
-  if stopped:      # signalled during start-up: nothing new to save, the workdir is as it was
+  stopped = stop_agreed(stop)
+  if stopped:      # signalled during start-up: no step ran, nothing new to save
     why = signal.Signals(stop.received).name if stop.received else "another process's signal"
     _log.warning("%s before the first step: stopped at step %d; rerun the same command to resume",
                  why, step)
@@ -555,7 +540,7 @@ def _run_steps(config, state, step_fn, data_iter: Iterator, mesh, ckpt: TrainChe
       preview.log(step, state.params)
     if sleep:
       time.sleep(sleep)
-    stopped = stop.agreed()
+    stopped = stop_agreed(stop)
     if stopped or step == total_steps or ckpt.should_save(step):
       last = report(pending)         # a checkpoint is written only after its step checked out
       pending = None
