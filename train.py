@@ -50,7 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("absl").setLevel(logging.WARNING)   # Orbax narrates every save at INFO
     log = logging.getLogger("molmo_jax.train")
     config = CONFIG.value
-    log.info("recipe %s:\n%s", FLAGS["config"].serialize().partition("=")[2] or "", config)
+    # One line (the workdir's train_config.json has it indented).
+    log.info("recipe %s, resolved: %s", FLAGS["config"].serialize().partition("=")[2] or "",
+             config.to_json_best_effort(sort_keys=True))
     try:
       result = loop.train(config, WORKDIR.value, stop=stop)
     except loop.NonFiniteLossError as e:

@@ -178,13 +178,13 @@ def convert_orbax_to_hf(model_dir: str | Path, out_dir: str | Path, *, dtype: st
   the output may never be, contain or lie inside `model_dir`. `check_interrupt` is called between
   tensor pieces and may raise to stop cleanly (the staging folder is then removed).
   """
-  source = locate_model(model_dir, step)
-  out_dir = check_output_target(out_dir, sources=[source.path], overwrite=overwrite, force=force,
+  location = locate_model(model_dir, step)
+  out_dir = check_output_target(out_dir, sources=[location.path], overwrite=overwrite, force=force,
                                 kind="release (HF) directory", is_kind=is_release_directory,
                                 flag="OUT_DIR")
-  cfg = source.read_config()
-  params = OrbaxParams(source.params_dir)
-  check_stored_tree(params, model_leaf_shapes(cfg), source.describe())
+  cfg = location.read_config()
+  params = OrbaxParams(location.params_dir)
+  check_stored_tree(params, model_leaf_shapes(cfg), location.describe())
   out_dtype = _export_dtype(dtype, params)
   hf_config = release_config.release_config_json(cfg, torch_dtype=out_dtype.name)
 
@@ -206,7 +206,7 @@ def convert_orbax_to_hf(model_dir: str | Path, out_dir: str | Path, *, dtype: st
         check_interrupt()
       yield piece
 
-  tokenizer = source.tokenizer_dir
+  tokenizer = location.tokenizer_dir
   with staged_directory(out_dir) as staging:
     write_sharded(staging, specs, pieces, max_shard_bytes)
     (staging / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")

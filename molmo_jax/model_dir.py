@@ -97,9 +97,23 @@ def check_stored_tree(directory: Path, target: Any, where: str) -> None:
   check_tree_matches(stored, target, where)
 
 
+def _local_target(directory: Path, where: str) -> Any:
+  """The stored tree as ShapeDtypeStructs on this process's first device: a checkpoint saved
+  sharded over another set of devices (a training run's) then loads anywhere."""
+  try:
+    stored = ocp.StandardCheckpointHandler().metadata(epath.Path(absolute(directory))).tree
+  except Exception as e:  # noqa: BLE001 - any failure to read _METADATA is unreadable storage
+    raise errors.unreadable_data(where, e) from e
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device),
+                      stored)
+
+
 def _restore_pytree(directory: Path, target: Any, where: str) -> Any:
   if target is not None:
     check_stored_tree(directory, target, where)
+  else:
+    target = _local_target(directory, where)
   handler = ocp.StandardCheckpointHandler()
   try:
     return handler.restore(epath.Path(absolute(directory)), args=ocp.args.StandardRestore(target))
