@@ -25,7 +25,7 @@ from molmo_jax.preprocess.tokens import MolmoTokenizer
 from molmo_jax.serve.app import ServeSettings, create_app
 from molmo_jax.serve.backend import ModelBackend
 from molmo_jax.serve.engine import BatchingEngine
-from molmo_jax.training.checkpoint import save_model_checkpoint
+from molmo_jax.model_dir import save_model_checkpoint
 
 VOCAB = 448
 
@@ -116,12 +116,12 @@ class _ScriptedRun:
   def __init__(self, scripts, rows, delay):
     self.scripts, self.rows, self.delay, self.index = scripts, rows, delay, 0
 
-  def step(self, done):
+  def step(self, done, remaining):
     time.sleep(self.delay)
-    out = np.full(self.rows, -1, np.int64)
+    out = np.full((self.rows, 1), -1, np.int64)
     for row, script in enumerate(self.scripts):
-      if not done[row]:
-        out[row] = script[min(self.index, len(script) - 1)]
+      if not done[row] and remaining[row] > 0:
+        out[row, 0] = script[min(self.index, len(script) - 1)]
     self.index += 1
     return out
 

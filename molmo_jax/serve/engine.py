@@ -120,9 +120,9 @@ class _RowText:
     self.tokens: list[int] = []
     self.sent = ""
 
-  def push(self, token: int) -> tuple[str, bool]:
-    """Adds a token; returns (text to stream now, whether a stop string ended the answer)."""
-    self.tokens.append(token)
+  def push(self, tokens: list[int]) -> tuple[str, bool]:
+    """Adds tokens; returns (text to stream now, whether a stop string ended the answer)."""
+    self.tokens.extend(tokens)
     text, stopped = self._text()
     if stopped:
       return self._delta(text.strip()), True
@@ -291,7 +291,7 @@ class BatchingEngine:
     done = np.ones(rows, bool)
     done[:n] = False
     texts = [_RowText(tokenizer, job.stop) for job in jobs]
-    for _ in range(steps):
+    while True:
       now = time.monotonic()
       for row, job in enumerate(jobs):
         if done[row]:
@@ -305,16 +305,30 @@ class BatchingEngine:
           job.emit(Failed(timeout_error(job)))
       if done.all():
         break
-      tokens = run.step(done.copy())
-      self.stats["decode_steps"] += 1
+      remaining = np.array([job.max_tokens - len(texts[row].tokens) for row, job in enumerate(jobs)]
+                           + [0] * (rows - n))
+      chunk = run.step(done.copy(), remaining)
+      self.stats["decode_steps"] += chunk.shape[1]
       for row, job in enumerate(jobs):
         if done[row]:
           continue
-        token = int(tokens[row])
-        delta, stopped = texts[row].push(token)
+        new_tokens = []
+        for token in chunk[row]:
+          if token < 0:
+            break
+          new_tokens.append(int(token))
+          if (token == tokenizer.eos_id
+              or len(texts[row].tokens) + len(new_tokens) >= job.max_tokens):
+            break
+        if not new_tokens:   # never expected; guards against a stuck loop
+          self._finish(job, texts[row], "length")
+          done[row] = True
+          continue
+        # One decode of the row's text per chunk, not per token.
+        delta, stopped = texts[row].push(new_tokens)
         if delta:
           job.emit(Delta(delta))
-        if stopped or token == tokenizer.eos_id:
+        if stopped or new_tokens[-1] == tokenizer.eos_id:
           self._finish(job, texts[row], "stop")
           done[row] = True
         elif len(texts[row].tokens) >= job.max_tokens:
