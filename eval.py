@@ -36,6 +36,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--max-new-tokens", type=int, default=None, help="override the task's setting")
   p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                  help="compute dtype (the reference evaluates in float32)")
+  p.add_argument("--quantize", choices=["none", "int8", "int4", "int8+vit", "int4+vit"],
+                 default="none", help="weight-only quantization of the language model (+vit: and "
+                 "the vision tower) at load time (molmo_jax.quantize)")
   p.add_argument("--paper-model", default=None,
                  help="Table-1 row to compare with (default: the checkpoint's config name)")
   p.add_argument("--seed", type=int, default=0, help="synthetic tasks: the data seed")
@@ -69,7 +72,8 @@ def main(argv=None) -> int:
   from molmo_jax import sharding
   from molmo_jax.predictor import Predictor
   mesh = sharding.make_mesh(data=-1)
-  predictor = Predictor.from_checkpoint(args.checkpoint, dtype=args.dtype, mesh=mesh)
+  predictor = Predictor.from_checkpoint(args.checkpoint, dtype=args.dtype, mesh=mesh,
+                                       quantize=args.quantize)
   print(f"{args.checkpoint}: {predictor.config.name}, data-parallel over {len(jax.devices())} "
         f"device(s)", file=sys.stderr)
   options = dict(limit=args.limit, output_dir=args.output, batch_size=args.batch_size,

@@ -75,8 +75,50 @@ def choose_tokens(logits: Array, rng: Array, sampling: SamplingConfig) -> Array:
   return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
+def _prefill(model: Molmo, params: Any, prefill: Mapping[str, Array], cache: dict, mask: Array,
+             last: Array, rows_per_pass: int) -> tuple[Array, dict]:
+  """Runs the prompt through the model, filling `cache`; -> (logits at `last` [B, V], cache).
+
+  rows_per_pass: prefill this many rows at a time (0 = all at once). The attention scores of a
+  pass are [rows, H, T, T]; for long prompts and big batches, a few rows per pass keeps them
+  (and the MLP activations) small while the cache still fills for the whole batch.
+  """
+  b = prefill["input_ids"].shape[0]
+  if not rows_per_pass or rows_per_pass >= b:
+    _, out = model.apply({"params": params}, prefill, cache=cache, cache_index=jnp.int32(0),
+                         attention_mask=mask)
+    hidden = out["hidden"][jnp.arange(b), last]
+    # Only the last prompt position's logits are needed: the prompt's [B, T, V] logits are never
+    # computed (the unused ones are dead code), which matters for big vocabularies.
+    logits = model.apply({"params": params}, hidden[:, None], method="lm_logits")[:, 0]
+    return logits, out["cache"]
+  if b % rows_per_pass:
+    raise ValueError(f"prefill_rows_per_pass {rows_per_pass} must divide the batch size {b}")
+  r = rows_per_pass
+  take = lambda x, start: jax.lax.dynamic_slice_in_dim(x, start, r, axis=0)
+
+  def one_pass(g, carry):
+    cache, hidden = carry
+    start = g * r
+    piece = {k: take(v, start) for k, v in prefill.items()}
+    small = {k: jnp.zeros((v.shape[0], r) + v.shape[2:], v.dtype) for k, v in cache.items()}
+    _, out = model.apply({"params": params}, piece, cache=small, cache_index=jnp.int32(0),
+                         attention_mask=take(mask, start))
+    cache = {k: jax.lax.dynamic_update_slice_in_dim(cache[k], out["cache"][k], start, axis=1)
+             for k in cache}
+    h = out["hidden"][jnp.arange(r), take(last, start)]
+    return cache, jax.lax.dynamic_update_slice_in_dim(hidden, h, start, axis=0)
+
+  d = model.config.llm.d_model
+  hidden0 = jnp.zeros((b, d), jnp.dtype(model.config.dtype))
+  cache, hidden = jax.lax.fori_loop(0, b // r, one_pass, (cache, hidden0))
+  logits = model.apply({"params": params}, hidden[:, None], method="lm_logits")[:, 0]
+  return logits, cache
+
+
 def _generate(params: Any, batch: Mapping[str, Array], rng: Array, *, model: Molmo,
-              sampling: SamplingConfig) -> tuple[Array, Array, Array]:
+              sampling: SamplingConfig, prefill_rows_per_pass: int = 0
+              ) -> tuple[Array, Array, Array]:
   input_ids = batch["input_ids"]
   b, t = input_ids.shape
   steps = sampling.max_new_tokens
@@ -92,11 +134,10 @@ def _generate(params: Any, batch: Mapping[str, Array], rng: Array, *, model: Mol
     positions = default_positions(input_ids)
   mask = key_valid[:, None, :] & (slots[None, None, :] <= jnp.arange(t)[None, :, None])
   prefill = dict(batch, position_ids=positions)
-  logits, out = model.apply({"params": params}, prefill, cache=cache, cache_index=jnp.int32(0),
-                            attention_mask=mask)
   last = jnp.maximum(jnp.sum(valid, axis=1) - 1, 0)                                  # [B]
   rows = jnp.arange(b)
-  next_logits = logits[rows, last]
+  next_logits, prefilled_cache = _prefill(model, params, prefill, cache, mask, last,
+                                          prefill_rows_per_pass)
   next_position = positions[rows, last] + 1
 
   eos = -1 if sampling.eos_id is None else sampling.eos_id
@@ -126,7 +167,7 @@ def _generate(params: Any, batch: Mapping[str, Array], rng: Array, *, model: Mol
     return (i + 1, out["cache"], key_valid, step_logits[:, 0], next_position + 1, tokens, lengths,
             done, rng)
 
-  state = (jnp.int32(0), out["cache"], key_valid, next_logits, next_position, tokens, lengths, done, rng)
+  state = (jnp.int32(0), prefilled_cache, key_valid, next_logits, next_position, tokens, lengths, done, rng)
   state = jax.lax.while_loop(cond, body, state)
   _, _, _, _, _, tokens, lengths, done, _ = state
   return tokens, lengths, done

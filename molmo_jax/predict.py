@@ -34,6 +34,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--max-crops", type=int, default=None)
   p.add_argument("--batch-size", type=int, default=8)
   p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+  p.add_argument("--quantize", choices=["none", "int8", "int4", "int8+vit", "int4+vit"],
+                 default="none", help="weight-only quantization of the language model (+vit: and "
+                 "the vision tower) at load time (molmo_jax.quantize)")
   p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
   p.add_argument("--json", action="store_true", help="print JSON lines")
   p.add_argument("--draw", default=None, help="PNG path for the image(s) with predicted points")
@@ -60,7 +63,8 @@ def main(argv=None) -> int:
   from molmo_jax.predictor import Predictor
   from molmo_jax.preprocess import image_io, points as points_lib
 
-  predictor = Predictor.from_checkpoint(args.checkpoint, dtype=args.dtype, max_crops=args.max_crops)
+  predictor = Predictor.from_checkpoint(args.checkpoint, dtype=args.dtype, max_crops=args.max_crops,
+                                       quantize=args.quantize)
   images = args.image or [None] * len(args.prompt)
   sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             top_k=args.top_k, top_p=args.top_p)

@@ -57,9 +57,20 @@ class Predictor:
 
   def __init__(self, config: MolmoConfig, params: Any, tokenizer: MolmoTokenizer, *,
                mesh: jax.sharding.Mesh | None = None, max_crops: int | None = None,
-               length_bucket: int = 64):
+               length_bucket: int = 64, quantize: Any = None):
+    """quantize: None / "none" (float weights), "int8" or "int4" weight-only for the language
+    model, "+vit" to include the vision tower (e.g. "int8+vit"), or a QuantizeConfig; the float
+    `params` are quantized here (see molmo_jax.quantize)."""
+    from molmo_jax import quantize as quantize_lib
     self.config = config
-    self.model = Molmo(config)
+    self.quantize = quantize_lib.from_mapping(quantize)
+    self.model = quantize_lib.quantized_model(Molmo(config), self.quantize)
+    if self.quantize.enabled:
+      if mesh is not None:
+        with sharding.activate(mesh):
+          params = quantize_lib.quantize_params(self.model, params)
+      else:
+        params = quantize_lib.quantize_params(self.model, params)
     self.params = params
     self.tokenizer = tokenizer
     self.mesh = mesh
@@ -68,10 +79,11 @@ class Predictor:
 
   @classmethod
   def from_checkpoint(cls, directory: str | os.PathLike, *, dtype: str | None = None,
-                      mesh: jax.sharding.Mesh | None = None, max_crops: int | None = None
-                      ) -> "Predictor":
+                      mesh: jax.sharding.Mesh | None = None, max_crops: int | None = None,
+                      quantize: Any = None) -> "Predictor":
     """Loads params, config and tokenizer; `dtype` ("bfloat16"/"float32") overrides compute and
-    parameter dtype; with `mesh` the params are restored directly into their shardings."""
+    parameter dtype; with `mesh` the params are restored directly into their shardings;
+    `quantize` ("int8", "int4", "int8+vit", ...) quantizes the weights at load time."""
     from molmo_jax.training.checkpoint import load_model_checkpoint
     config_path = Path(directory) / "config.json"
     if not config_path.is_file():
@@ -84,7 +96,7 @@ class Predictor:
     if ckpt.tokenizer_dir is None:
       raise FileNotFoundError(f"{directory}: no tokenizer/ folder; copy the tokenizer files there")
     tokenizer = MolmoTokenizer.from_checkpoint(ckpt.tokenizer_dir, config.llm.vocab_size)
-    return cls(config, ckpt.params, tokenizer, mesh=mesh, max_crops=max_crops)
+    return cls(config, ckpt.params, tokenizer, mesh=mesh, max_crops=max_crops, quantize=quantize)
 
   def _example(self, image: Any, prompt: str, style: str | None) -> tuple[dict, tuple[int, int] | None]:
     if image is None:

@@ -59,6 +59,12 @@ BTNH = ("activation_batch", "activation_length", "activation_heads", "activation
 BTKH = ("activation_batch", "activation_length", "activation_kv_heads", "activation_head_dim")
 
 
+def cast_param(kernel: Any, dtype: Dtype) -> Any:
+  """kernel in `dtype`. jnp.asarray rather than .astype: under qwix (molmo_jax/quantize.py) the
+  parameter is a quantized wrapper whose cast qwix intercepts here."""
+  return jnp.asarray(kernel, dtype)
+
+
 class DenseGeneral(nn.Module):
   """y = x . kernel (+ bias), contracting the last `len(in_shape)` axes of x.
 
@@ -83,7 +89,7 @@ class DenseGeneral(nn.Module):
     kernel = self.param("kernel", logical(kernel_init(in_axes, out_axes), self.axes),
                         in_shape + features, self.param_dtype)
     dims = (tuple(range(x.ndim - self.contract, x.ndim)), tuple(range(self.contract)))
-    y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (dims, ((), ())))
+    y = jax.lax.dot_general(x.astype(self.dtype), cast_param(kernel, self.dtype), (dims, ((), ())))
     if self.use_bias:
       bias = self.param("bias", logical(nn.initializers.zeros, self.axes[self.contract:]), features,
                         self.param_dtype)

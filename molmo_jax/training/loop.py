@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from molmo_jax import config as model_config_lib
+from molmo_jax import lora as lora_lib
 from molmo_jax import sharding as sharding_lib
 from molmo_jax.config import MolmoConfig
 from molmo_jax.models.molmo import Molmo
@@ -291,7 +292,7 @@ def _peak_flops(config: Mapping[str, Any]) -> float:
 
 
 def _restore_or_init(config, ckpt: TrainCheckpointer, model, optimizer, mesh, spec, abstract,
-                     data_iter) -> step_lib.TrainState:
+                     data_iter, lora_cfg: lora_lib.LoraConfig | None = None) -> step_lib.TrainState:
   latest = ckpt.latest_step()
   if latest is not None:
     restored = ckpt.restore(latest, abstract_state={"params": abstract.params,
@@ -305,10 +306,20 @@ def _restore_or_init(config, ckpt: TrainCheckpointer, model, optimizer, mesh, sp
                                opt_state=restored["opt_state"], rng=restored["rng"])
   rng = jax.random.PRNGKey(int(config.seed))
   params = None
+  frozen_dtype = lora_cfg.base_dtype if lora_cfg is not None and lora_cfg.enabled else None
   if config.get("init_from"):
-    params = restore_params_only(config.init_from, abstract.params)
+    if frozen_dtype is None:
+      params = restore_params_only(config.init_from, abstract.params)
+    else:
+      # A LoRA run starts from a plain model: restore the base (in its training dtype), add
+      # fresh adapters (A random, B zero: the model's outputs start unchanged).
+      params = restore_params_only(config.init_from, lora_lib.base_params(abstract.params))
+      adapters = lora_lib.init_adapters(model, jax.random.fold_in(rng, 1),
+                                        step_lib._init_batch(spec))
+      params = lora_lib.combine(params, adapters)
     _log.info("initialised parameters from %s", config.init_from)
-  return step_lib.init_train_state(model, optimizer, mesh, spec, rng, params=params)
+  return step_lib.init_train_state(model, optimizer, mesh, spec, rng, params=params,
+                                   frozen_dtype=frozen_dtype)
 
 
 def configure_jax(config: Any) -> None:
@@ -348,15 +359,18 @@ def train(config: Any, workdir: str | os.PathLike, data_iterator: Any = None) ->
     (workdir / "train_config.json").write_text(config.to_json_best_effort(indent=2))
 
   mesh = sharding_lib.make_mesh(**dict(config.mesh))
-  model = Molmo(model_cfg)
+  lora_cfg = lora_config(config)
+  model = lora_lib.with_lora(Molmo(model_cfg), lora_cfg)
+  if lora_cfg.enabled and jax.process_index() == 0:
+    (workdir / "lora.json").write_text(lora_cfg.to_json())
   spec = step_lib.batch_spec(model_cfg, data_cfg.global_batch_size, data_cfg.seq_len, max_crops)
   step_cfg = step_lib.StepConfig(micro_batches=int(config.micro_batches),
                                  z_loss_weight=float(config.z_loss_weight))
   total_steps = int(config.total_steps)
-  optimizer = build_optimizer(
-      OptimizerConfig.from_mapping({**config.optimizer.to_dict(), "total_steps": total_steps}),
-      step_lib.abstract_params(model, spec))
-  abstract, shardings = step_lib.abstract_train_state(model, optimizer, mesh, spec)
+  optimizer = build_optimizer(optimizer_config(config, lora_cfg),
+                              step_lib.abstract_params(model, spec))
+  frozen_dtype = lora_cfg.base_dtype if lora_cfg.enabled else None
+  abstract, shardings = step_lib.abstract_train_state(model, optimizer, mesh, spec, frozen_dtype)
   step_fn = step_lib.make_train_step(model, optimizer, mesh, shardings, spec, step_cfg)
 
   if data_iterator is None:
@@ -370,15 +384,19 @@ def train(config: Any, workdir: str | os.PathLike, data_iterator: Any = None) ->
                            keep=int(ckpt_cfg.keep) or None, async_save=bool(ckpt_cfg.async_save))
   logger = MetricsLogger(workdir, config.log_every, bool(config.tensorboard))
   try:
-    state = _restore_or_init(config, ckpt, model, optimizer, mesh, spec, abstract, data_iterator)
+    state = _restore_or_init(config, ckpt, model, optimizer, mesh, spec, abstract, data_iterator,
+                             lora_cfg)
     step_flops = flops_lib.train_step_flops(model_cfg, data_cfg.global_batch_size,
                                             data_cfg.seq_len, max_crops + 1).train
     throughput = _Throughput(step_flops, data_cfg.global_batch_size * data_cfg.seq_len,
                              jax.device_count(), _peak_flops(config))
     profiler = Profiler(workdir, config.profile.start_step, config.profile.num_steps)
     with StopRequest() as stop:
-      return _run_steps(config, state, step_fn, data_iterator, mesh, ckpt, logger, throughput,
-                        profiler, stop, total_steps)
+      result, state = _run_steps(config, state, step_fn, data_iterator, mesh, ckpt, logger,
+                                 throughput, profiler, stop, total_steps)
+    if lora_cfg.enabled:
+      _save_run_adapters(workdir, state, lora_cfg)
+    return result
   finally:
     ckpt.wait_until_finished()
     ckpt.close()
@@ -389,7 +407,7 @@ def train(config: Any, workdir: str | os.PathLike, data_iterator: Any = None) ->
 
 def _run_steps(config, state, step_fn, data_iter: Iterator, mesh, ckpt: TrainCheckpointer,
                logger: MetricsLogger, throughput: _Throughput, profiler: Profiler,
-               stop: StopRequest, total_steps: int) -> RunResult:
+               stop: StopRequest, total_steps: int) -> tuple[RunResult, Any]:
   step = int(jax.device_get(state.step))
   sleep = float(config.get("debug_step_sleep_s") or 0.0)
   pending: _Pending | None = None
@@ -428,4 +446,30 @@ def _run_steps(config, state, step_fn, data_iter: Iterator, mesh, ckpt: TrainChe
   profiler.close(state)
   if pending is not None:
     last = report(pending)
-  return RunResult(step=step, stopped_by_signal=stopped, last_metrics=last)
+  return RunResult(step=step, stopped_by_signal=stopped, last_metrics=last), state
+
+
+def lora_config(config: Any) -> lora_lib.LoraConfig:
+  """LoraConfig from `config.lora` (absent or rank 0 = full fine-tuning)."""
+  return lora_lib.LoraConfig.from_mapping(config.get("lora"))
+
+
+def optimizer_config(config: Any, lora_cfg: lora_lib.LoraConfig) -> OptimizerConfig:
+  """OptimizerConfig from `config.optimizer` and `total_steps`; LoRA freezes all but its leaves."""
+  fields = {**config.optimizer.to_dict(), "total_steps": int(config.total_steps)}
+  if lora_cfg.enabled:
+    if fields.get("trainable_patterns"):
+      raise ValueError("config.optimizer.trainable_patterns and config.lora both choose what "
+                       "trains; use lora.train for parameters trained in full next to adapters")
+    fields["trainable_patterns"] = lora_cfg.trainable_patterns()
+  return OptimizerConfig.from_mapping(fields)
+
+
+def _save_run_adapters(workdir: Path, state: Any, lora_cfg: lora_lib.LoraConfig) -> None:
+  """workdir/adapters: the run's latest adapters alone (lora.json + Orbax tree), for merging."""
+  if jax.process_count() > 1:
+    _log.info("multi-process run: export the adapters with python -m molmo_jax.lora export "
+              "--workdir %s --out DIR", workdir)
+    return
+  out = lora_lib.save_adapters(workdir / "adapters", state.params, lora_cfg, overwrite=True)
+  _log.info("adapters of step %d written to %s", int(jax.device_get(state.step)), out)
