@@ -39,6 +39,10 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--quantize", choices=["none", "int8", "int4", "int8+vit", "int4+vit"],
                  default="none", help="weight-only quantization of the language model (+vit: and "
                  "the vision tower) at load time (molmo_jax.quantize)")
+  p.add_argument("--resize-method", choices=["tensorflow", "torchvision"], default=None,
+                 help="image resize: tensorflow (what converted release checkpoints use, as the HF "
+                      "processor) or torchvision (the native repo's default); default: the "
+                      "checkpoint's config (see docs/fidelity.md)")
   p.add_argument("--paper-model", default=None,
                  help="Table-1 row to compare with (default: the checkpoint's config name)")
   p.add_argument("--seed", type=int, default=0, help="synthetic tasks: the data seed")
@@ -73,6 +77,7 @@ def main(argv=None) -> int:
   from molmo_jax.predictor import Predictor
   mesh = sharding.make_mesh(data=-1)
   predictor = Predictor.from_checkpoint(args.checkpoint, dtype=args.dtype, mesh=mesh,
+                                       resize_method=args.resize_method,
                                        quantize=args.quantize)
   print(f"{args.checkpoint}: {predictor.config.name}, data-parallel over {len(jax.devices())} "
         f"device(s)", file=sys.stderr)

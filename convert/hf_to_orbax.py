@@ -1,6 +1,7 @@
 """Released Molmo HF checkpoint -> our model directory (Orbax params + config.json + tokenizer/).
 
     python -m convert.hf_to_orbax HF_DIR OUT_DIR [--dtype auto|float32|bfloat16] [--name NAME]
+        [--overwrite | --force]
 
 Legend: L stacked layers, R rows of an HF tensor, D its row width.
 
@@ -13,19 +14,23 @@ written as one chunk. Peak memory is a few blocks (about one layer of the widest
 not the model.
 
 The model directory is assembled in a hidden sibling and renamed at the end, so a failed or
-killed conversion leaves nothing that looks like a checkpoint. Its layout is the one
+killed conversion leaves nothing that looks like a checkpoint; the next conversion to the same
+target removes such leftovers. OUT_DIR is never HF_DIR, a folder around it or inside it;
+`--overwrite` replaces only a model directory (anything else needs `--force`), and only once the
+new one is complete (molmo_jax.output_dirs). Ctrl-C stops at the next block and removes the
+staging folder. Its layout is the one
 `molmo_jax.training.checkpoint.load_model_checkpoint` reads: `params/` is a standard Orbax PyTree
 checkpoint (OCDBT, zarr) whose leaves are recorded as numpy arrays, with one zarr chunk per block.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import collections
 import dataclasses
 import math
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Iterator
@@ -43,8 +48,10 @@ from convert import release_config
 from convert.release_tables import (COPY, Rule, check_rules_match, hf_tensor_shapes, row_splittable,
                                     rules_for, to_ours, transpose)
 from convert.safetensors_io import INDEX_FILE, SafetensorsDir
+from molmo_jax import errors
 from molmo_jax.config import MolmoConfig
-from molmo_jax.training.checkpoint import staged_directory
+from molmo_jax.errors import UserError
+from molmo_jax.output_dirs import check_output_target, is_model_directory, staged_directory
 
 DEFAULT_BLOCK_BYTES = 64 * 2**20     # row blocks of large tables; also the in-flight write budget
 FLOAT_CODES = ("F32", "BF16", "F16")
@@ -260,13 +267,30 @@ def side_files(hf_dir: Path) -> list[Path]:
 # Driver
 # ------------------------------------------------------------------------------------------
 
+def _checked_blocks(blocks: Callable[[], Iterator], check: Callable[[], None]):
+  def checked():
+    for item in blocks():
+      check()
+      yield item
+  return checked
+
+
 def convert_hf_to_orbax(hf_dir: str | Path, out_dir: str | Path, *, dtype: str = "auto",
-                        name: str | None = None, overwrite: bool = False,
-                        block_bytes: int = DEFAULT_BLOCK_BYTES) -> Path:
-  """Converts a released (or exported) Molmo HF directory into a model directory at `out_dir`."""
-  hf_dir, out_dir = Path(hf_dir), Path(out_dir).absolute()
-  if out_dir.exists() and not overwrite:
-    raise FileExistsError(f"{out_dir} already exists (overwrite=True, or --overwrite, replaces it)")
+                        name: str | None = None, overwrite: bool = False, force: bool = False,
+                        block_bytes: int = DEFAULT_BLOCK_BYTES,
+                        check_interrupt: Callable[[], None] | None = None) -> Path:
+  """Converts a released (or exported) Molmo HF directory into a model directory at `out_dir`.
+
+  `overwrite` replaces an existing model directory, `force` anything (molmo_jax.output_dirs);
+  the output may never be, contain or lie inside `hf_dir`. `check_interrupt` is called between
+  blocks and may raise to stop the conversion cleanly (the staging folder is then removed).
+  """
+  hf_dir = Path(hf_dir)
+  if not hf_dir.is_dir():
+    raise UserError(f"HF_DIR {hf_dir}", "is not a directory",
+                    "give a released Molmo folder with config.json and *.safetensors")
+  out_dir = check_output_target(out_dir, sources=[hf_dir], overwrite=overwrite, force=force,
+                                kind="model directory", is_kind=is_model_directory, flag="OUT_DIR")
   cfg = release_config.config_from_release_dir(hf_dir, name=name)
   reader = SafetensorsDir(hf_dir)
   rules = rules_for(cfg)
@@ -277,7 +301,10 @@ def convert_hf_to_orbax(hf_dir: str | Path, out_dir: str | Path, *, dtype: str =
   cfg = cfg.replace(param_dtype=out_dtype.name)
   tree: dict = {}
   for rule in rules:
-    _set_leaf(tree, rule.ours, streamed_leaf(reader, rule, shapes[rule.ours], out_dtype, block_bytes))
+    leaf = streamed_leaf(reader, rule, shapes[rule.ours], out_dtype, block_bytes)
+    if check_interrupt is not None:
+      leaf = dataclasses.replace(leaf, blocks=_checked_blocks(leaf.blocks, check_interrupt))
+    _set_leaf(tree, rule.ours, leaf)
 
   with staged_directory(out_dir) as staging:
     save_streamed_pytree(staging / "params", tree, inflight_bytes=block_bytes)
@@ -290,25 +317,28 @@ def convert_hf_to_orbax(hf_dir: str | Path, out_dir: str | Path, *, dtype: str =
   return out_dir
 
 
-def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> int:
+  parser = errors.ArgumentParser(prog="python -m convert.hf_to_orbax", description=__doc__)
   parser.add_argument("hf_dir", help="released Molmo directory: config.json, *.safetensors, tokenizer")
   parser.add_argument("out_dir", help="model directory to create")
   parser.add_argument("--dtype", default="auto", choices=["auto", *OUT_DTYPES])
   parser.add_argument("--name", default=None, help="MolmoConfig.name (default: preset or dir name)")
-  parser.add_argument("--overwrite", action="store_true")
+  parser.add_argument("--overwrite", action="store_true",
+                      help="replace OUT_DIR if it is a model directory (after the new one is complete)")
+  parser.add_argument("--force", action="store_true",
+                      help="replace OUT_DIR whatever it holds (never the source or a folder around it)")
   args = parser.parse_args(argv)
   jax.config.update("jax_platforms", "cpu")   # conversion needs no accelerator
   start = time.perf_counter()
-  try:
+  with errors.deferred_interrupt("conversion interrupted") as interrupt:
     out = convert_hf_to_orbax(args.hf_dir, args.out_dir, dtype=args.dtype, name=args.name,
-                              overwrite=args.overwrite)
-  except (OSError, ValueError) as e:
-    parser.exit(2, f"error: {e}\n")
+                              overwrite=args.overwrite, force=args.force,
+                              check_interrupt=interrupt.check)
   seconds = time.perf_counter() - start
   size = SafetensorsDir(args.hf_dir).total_bytes
   print(f"wrote {out} in {seconds:.1f} s ({size / 2**20 / seconds:.1f} MiB/s of safetensors read)")
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(errors.run_main(main))

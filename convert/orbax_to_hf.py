@@ -1,6 +1,7 @@
 """Our model directory -> the Molmo release format (for vLLM or the released remote code).
 
     python -m convert.orbax_to_hf MODEL_DIR OUT_DIR [--dtype auto|float32|bfloat16] [--max-shard-gb 5]
+        [--overwrite | --force]
 
 Legend: L stacked layers, D LLM width, V_emb pretrained vocabulary rows.
 
@@ -10,16 +11,20 @@ ff_proj = [up | gate], megablocks experts), `model-0000k-of-0000N.safetensors` s
 for MoE models), preprocessor_config.json, and the tokenizer / remote-code files kept in the
 model directory's `tokenizer/`. Tensors are read from Orbax one layer (or one row block) at a
 time through tensorstore and written as they are produced; the output appears only when complete.
+OUT_DIR is never MODEL_DIR, a folder around it or inside it; `--overwrite` replaces only a
+release directory (anything else needs `--force`); leftovers of killed exports are removed by the
+next export to the same target (molmo_jax.output_dirs).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import shutil
+import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import jax
 import numpy as np
@@ -27,10 +32,12 @@ import tensorstore as ts
 
 from convert import release_config
 from convert.hf_to_orbax import DEFAULT_BLOCK_BYTES, OUT_DTYPES, model_leaf_shapes
-from molmo_jax.training.checkpoint import staged_directory
 from convert.release_tables import COPY, Rule, fused_groups, row_splittable, rules_for, to_hf, transpose
 from convert.safetensors_io import DEFAULT_MAX_SHARD_BYTES, TensorSpec, write_sharded
+from molmo_jax import errors
 from molmo_jax.config import MolmoConfig
+from molmo_jax.errors import UserError
+from molmo_jax.output_dirs import check_output_target, is_release_directory, staged_directory
 
 # Files of tokenizer/ that export regenerates from our config instead of copying.
 _GENERATED = ("config.json", "preprocessor_config.json")
@@ -159,14 +166,25 @@ def _export_dtype(requested: str, params: OrbaxParams) -> np.dtype:
 
 def convert_orbax_to_hf(model_dir: str | Path, out_dir: str | Path, *, dtype: str = "auto",
                         max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False,
-                        block_bytes: int = DEFAULT_BLOCK_BYTES) -> Path:
-  """Exports a model directory (params/, config.json, tokenizer/) as a Molmo release directory."""
-  model_dir, out_dir = Path(model_dir), Path(out_dir).absolute()
-  if out_dir.exists() and not overwrite:
-    raise FileExistsError(f"{out_dir} already exists (overwrite=True, or --overwrite, replaces it)")
+                        force: bool = False, block_bytes: int = DEFAULT_BLOCK_BYTES,
+                        check_interrupt: Callable[[], None] | None = None) -> Path:
+  """Exports a model directory (params/, config.json, tokenizer/) as a Molmo release directory.
+
+  `overwrite` replaces an existing release directory, `force` anything (molmo_jax.output_dirs);
+  the output may never be, contain or lie inside `model_dir`. `check_interrupt` is called between
+  tensor pieces and may raise to stop cleanly (the staging folder is then removed).
+  """
+  model_dir = Path(model_dir)
   config_path = model_dir / "config.json"
+  if not model_dir.is_dir():
+    raise UserError(f"MODEL_DIR {model_dir}", "is not a directory",
+                    "give a model directory with params/ and config.json")
   if not config_path.is_file():
-    raise FileNotFoundError(f"{model_dir}: missing config.json; not a model directory")
+    raise UserError(f"MODEL_DIR {model_dir}", "no config.json; not a model directory",
+                    "give a directory written by convert.hf_to_orbax or train.py")
+  out_dir = check_output_target(out_dir, sources=[model_dir], overwrite=overwrite, force=force,
+                                kind="release (HF) directory", is_kind=is_release_directory,
+                                flag="OUT_DIR")
   cfg = MolmoConfig.from_json(config_path.read_text())
   params = OrbaxParams(model_dir / "params")
   check_stored_tree(params, model_leaf_shapes(cfg), str(model_dir))
@@ -186,7 +204,10 @@ def convert_orbax_to_hf(model_dir: str | Path, out_dir: str | Path, *, dtype: st
 
   def pieces(spec: TensorSpec):
     template, layer = source[spec.name]
-    return _pieces(reader, template, groups[template], layer, out_dtype)
+    for piece in _pieces(reader, template, groups[template], layer, out_dtype):
+      if check_interrupt is not None:
+        check_interrupt()
+      yield piece
 
   tokenizer = model_dir / "tokenizer"
   with staged_directory(out_dir) as staging:
@@ -204,25 +225,30 @@ def convert_orbax_to_hf(model_dir: str | Path, out_dir: str | Path, *, dtype: st
   return out_dir
 
 
-def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> int:
+  parser = errors.ArgumentParser(prog="python -m convert.orbax_to_hf", description=__doc__)
   parser.add_argument("model_dir", help="model directory: params/, config.json, tokenizer/")
   parser.add_argument("out_dir", help="release directory to create")
   parser.add_argument("--dtype", default="auto", choices=["auto", *OUT_DTYPES])
   parser.add_argument("--max-shard-gb", type=float, default=DEFAULT_MAX_SHARD_BYTES / 1e9)
-  parser.add_argument("--overwrite", action="store_true")
+  parser.add_argument("--overwrite", action="store_true",
+                      help="replace OUT_DIR if it is a release directory (after the new one is complete)")
+  parser.add_argument("--force", action="store_true",
+                      help="replace OUT_DIR whatever it holds (never the source or a folder around it)")
   args = parser.parse_args(argv)
+  if not args.max_shard_gb > 0:
+    parser.error(f"--max-shard-gb: expected > 0, got {args.max_shard_gb}")
   jax.config.update("jax_platforms", "cpu")   # conversion needs no accelerator
   start = time.perf_counter()
-  try:
+  with errors.deferred_interrupt("conversion interrupted") as interrupt:
     out = convert_orbax_to_hf(args.model_dir, args.out_dir, dtype=args.dtype,
-                              max_shard_bytes=int(args.max_shard_gb * 1e9), overwrite=args.overwrite)
-  except (OSError, ValueError) as e:
-    parser.exit(2, f"error: {e}\n")
+                              max_shard_bytes=int(args.max_shard_gb * 1e9), overwrite=args.overwrite,
+                              force=args.force, check_interrupt=interrupt.check)
   total = json.loads((out / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
   seconds = time.perf_counter() - start
   print(f"wrote {out} in {seconds:.1f} s ({total / 2**20 / seconds:.1f} MiB/s of safetensors written)")
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(errors.run_main(main))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import typing
 from typing import Any, Literal
 
 # Which hidden layer outputs of the ViT feed the connector. Negative values count from the end of
@@ -144,6 +145,13 @@ class PreprocessConfig:
   use_col_tokens: bool = True
   fix_image_padding: bool = False             # reproduce the released off-by-one mask pairing
   always_start_with_space: bool = True
+  # Images with alpha: "drop" = PIL convert("RGB") as the reference, or "composite" them over
+  # alpha_background (RGB 0..255). See molmo_jax.preprocess.image_io.load_image.
+  alpha: Literal["drop", "composite"] = "drop"
+  alpha_background: tuple[int, int, int] = (0, 0, 0)
+  # Text-only examples (no image): the reference's MultiModalPreprocessor returns the tokens
+  # without BOS; True prepends BOS as for examples with images (and as the HF processor does).
+  text_only_bos: bool = False
 
   @property
   def crop_patches(self) -> int:
@@ -171,6 +179,23 @@ class MolmoConfig:
 
   def replace(self, **kwargs: Any) -> "MolmoConfig":
     return dataclasses.replace(self, **kwargs)
+
+  def with_preprocess(self, **changes: Any) -> "MolmoConfig":
+    """This config with PreprocessConfig fields changed (None values are left alone), e.g.
+    `with_preprocess(resize_method="torchvision")`; unknown fields and values are refused."""
+    changes = {k: v for k, v in changes.items() if v is not None}
+    if not changes:
+      return self
+    fields = {f.name: f for f in dataclasses.fields(PreprocessConfig)}
+    unknown = sorted(set(changes) - set(fields))
+    if unknown:
+      raise ValueError(f"preprocess: unknown field(s) {unknown}; known: {sorted(fields)}")
+    hints = typing.get_type_hints(PreprocessConfig)
+    for name, value in changes.items():
+      if typing.get_origin(hints[name]) is Literal and value not in typing.get_args(hints[name]):
+        raise ValueError(f"preprocess.{name}: expected one of {typing.get_args(hints[name])}, "
+                         f"got {value!r}")
+    return self.replace(preprocess=dataclasses.replace(self.preprocess, **changes))
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)

@@ -45,11 +45,6 @@ class GenerationOutput:
   finish_reasons: list[str]   # "eos" | "length" (| "stop" once stop strings are applied)
 
 
-def bucket_length(length: int, multiple: int = 64) -> int:
-  """Prompt lengths are padded up to a multiple so a run compiles a handful of shapes only."""
-  return max(multiple, -(-length // multiple) * multiple)
-
-
 def filter_logits(logits: Array, top_k: int, top_p: float) -> Array:
   """Masks logits [B, V] outside the top-k set and outside the top-p nucleus with -inf."""
   neg = jnp.finfo(logits.dtype).min
@@ -180,11 +175,11 @@ def _compiled(model: Molmo, sampling: SamplingConfig):
 
 def generate(model: Molmo, params: Any, batch: Mapping[str, Any], sampling: SamplingConfig,
              rng: Array | None = None) -> GenerationOutput:
-  """Generates for a right-padded batch (see molmo_jax.preprocess.examples.collate).
+  """Generates for a right-padded batch (see molmo_jax.preprocess.inputs.build_batch).
 
   The compiled function is cached per (model config, sampling config) and input shapes; bucket
-  prompt lengths (bucket_length) to keep the number of compilations small. Params may be sharded
-  over a mesh: run inside `molmo_jax.sharding.activate(mesh)`.
+  prompt lengths (molmo_jax.preprocess.inputs.bucket_length) to keep the number of compilations
+  small. Params may be sharded over a mesh: run inside `molmo_jax.sharding.activate(mesh)`.
   """
   keys = ("input_ids", "images", "image_masks", "image_input_idx", "position_ids")
   batch = {k: jnp.asarray(batch[k]) for k in keys if batch.get(k) is not None}

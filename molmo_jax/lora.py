@@ -335,7 +335,7 @@ def save_adapters(directory: str | os.PathLike, params: Any, cfg: LoraConfig,
   """Writes the adapter subtree (adapter_params) and lora.json atomically; returns the path."""
   import etils.epath as epath
   import orbax.checkpoint as ocp
-  from molmo_jax.training.checkpoint import staged_directory
+  from molmo_jax.output_dirs import staged_directory
   directory = Path(directory).absolute()
   if directory.exists() and not overwrite:
     raise FileExistsError(f"{directory} already exists; pass overwrite=True to replace it")
@@ -395,23 +395,23 @@ def merge_model_directory(base_dir: str | os.PathLike, adapter_dir: str | os.Pat
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(prog="python -m molmo_jax.lora", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  from molmo_jax import errors, output_dirs
+  p = errors.ArgumentParser(prog="python -m molmo_jax.lora", description=__doc__)
   sub = p.add_subparsers(dest="command", required=True)
   merge = sub.add_parser("merge", help="fold adapters into a base model -> a full model directory")
   merge.add_argument("--base", required=True, help="base model directory")
   merge.add_argument("--adapters", required=True, help="adapter directory (save_adapters)")
   merge.add_argument("--out", required=True, help="new model directory")
-  merge.add_argument("--overwrite", action="store_true")
+  merge.add_argument("--overwrite", action="store_true", help="replace an existing model directory")
   args = p.parse_args(argv)
-  try:
-    out = merge_model_directory(args.base, args.adapters, args.out, overwrite=args.overwrite)
-  except (FileNotFoundError, FileExistsError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  output_dirs.check_output_target(args.out, sources=[args.base, args.adapters],
+                                  overwrite=args.overwrite, force=False, kind="model directory",
+                                  is_kind=output_dirs.is_model_directory, flag="--out")
+  out = merge_model_directory(args.base, args.adapters, args.out, overwrite=args.overwrite)
   print(f"wrote {out}")
   return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  from molmo_jax import errors as _errors
+  sys.exit(_errors.run_main(main))

@@ -6,7 +6,9 @@
 
 Pairs of --image/--prompt run as batches. --json prints one object per answer (answer, points in
 pixels of the original image, count, finish reason). --draw saves each image with its predicted
-points (OUT.png for one image, OUT-<i>.png for several).
+points (OUT.png for one image, OUT-<i>.png for several); its folder must exist.
+Flags and images are checked before the model is loaded; a prompt that does not fit the model's
+positions with --max-new-tokens is refused (or, with --shorten-to-fit, answered shorter).
 """
 
 from __future__ import annotations
@@ -16,17 +18,21 @@ import json
 import sys
 from pathlib import Path
 
+from molmo_jax import errors
 from molmo_jax.generate import SamplingConfig
+from molmo_jax.preprocess import image_io
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog="python -m molmo_jax.predict", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = errors.ArgumentParser(prog="python -m molmo_jax.predict", description=__doc__)
   p.add_argument("--checkpoint", required=True, help="model directory (converted or trained)")
   p.add_argument("--image", action="append", default=[], help="image path (repeatable)")
   p.add_argument("--prompt", action="append", default=[], help="question (repeatable, pairs with --image)")
   p.add_argument("--style", default=None, help="style prefix, e.g. vqa2 (default: none, as the demo)")
   p.add_argument("--max-new-tokens", type=int, default=192)
+  p.add_argument("--shorten-to-fit", action="store_true",
+                 help="when prompt + --max-new-tokens exceed the model's positions, generate fewer "
+                      "tokens instead of refusing")
   p.add_argument("--temperature", type=float, default=0.0)
   p.add_argument("--top-k", type=int, default=0)
   p.add_argument("--top-p", type=float, default=1.0)
@@ -37,14 +43,32 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--quantize", choices=["none", "int8", "int4", "int8+vit", "int4+vit"],
                  default="none", help="weight-only quantization of the language model (+vit: and "
                  "the vision tower) at load time (molmo_jax.quantize)")
+  p.add_argument("--resize-method", choices=["tensorflow", "torchvision"], default=None,
+                 help="image resize: tensorflow (what converted release checkpoints use, as the HF "
+                      "processor) or torchvision (the native repo's default); default: the "
+                      "checkpoint's config (see docs/fidelity.md)")
   p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
   p.add_argument("--json", action="store_true", help="print JSON lines")
   p.add_argument("--draw", default=None, help="PNG path for the image(s) with predicted points")
+  p.add_argument("--max-image-pixels", type=int, default=None,
+                 help="Pillow's decompression-bomb limit (default %d pixels; 0 = no limit)"
+                      % image_io.DEFAULT_MAX_IMAGE_PIXELS)
   args = p.parse_args(argv)
   if not args.prompt:
     p.error("at least one --prompt is needed")
   if args.image and len(args.image) != len(args.prompt):
     p.error(f"{len(args.image)} --image but {len(args.prompt)} --prompt; give them in pairs")
+  for name, minimum in (("max_new_tokens", 1), ("batch_size", 1), ("max_crops", 1), ("top_k", 0),
+                        ("max_image_pixels", 0)):
+    value = getattr(args, name)
+    if value is not None and value < minimum:
+      p.error(f"--{name.replace('_', '-')}: expected >= {minimum}, got {value}")
+  if args.temperature < 0:
+    p.error(f"--temperature: expected >= 0, got {args.temperature}")
+  if not 0 < args.top_p <= 1:
+    p.error(f"--top-p: expected a number in (0, 1], got {args.top_p}")
+  if args.draw and not args.image:
+    p.error("--draw needs --image (there is nothing to draw on)")
   for path in args.image:
     if not Path(path).is_file():
       p.error(f"--image {path}: no such file")
@@ -60,29 +84,39 @@ def draw_paths(base: str, n: int) -> list[Path]:
 
 def main(argv=None) -> int:
   args = parse_args(argv)
+  if args.max_image_pixels is not None:
+    image_io.set_max_image_pixels(args.max_image_pixels or None)
+  draw_targets = []
+  if args.draw:
+    draw_targets = draw_paths(args.draw, len(args.image))
+    for path in draw_targets:      # before the model is loaded, not after generating
+      errors.writable_output(path, "--draw")
+  for path in args.image:   # a corrupt file is reported before the model is loaded
+    image_io.load_image(path, name=path)
+
   from molmo_jax.predictor import Predictor
-  from molmo_jax.preprocess import image_io, points as points_lib
+  from molmo_jax.preprocess import inputs, points as points_lib
 
   predictor = Predictor.from_checkpoint(args.checkpoint, dtype=args.dtype, max_crops=args.max_crops,
-                                       quantize=args.quantize)
+                                        resize_method=args.resize_method,
+                                        quantize=args.quantize)
   images = args.image or [None] * len(args.prompt)
   sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             top_k=args.top_k, top_p=args.top_p)
   preds = list(predictor.predict_many(images, args.prompt, batch_size=args.batch_size,
                                       progress=len(args.prompt) > args.batch_size, sampling=sampling,
-                                      style=args.style, stop_strings=args.stop, seed=args.seed))
+                                      style=args.style, stop_strings=args.stop, seed=args.seed,
+                                      shorten_to_fit=args.shorten_to_fit))
   for img, prompt, pred in zip(images, args.prompt, preds):
     if args.json:
       print(json.dumps({"image": img, "prompt": prompt, **pred.to_json()}))
     else:
       print(pred.text if len(preds) == 1 else f"[{img}] {prompt}\n{pred.text}\n")
-  if args.draw:
-    drawable = [(img, pred) for img, pred in zip(images, preds) if img is not None]
-    for (img, pred), path in zip(drawable, draw_paths(args.draw, len(drawable))):
-      points_lib.draw_points(image_io.load_image(img), pred.points, out_path=path)
-      print(f"wrote {path}", file=sys.stderr)
+  for img, pred, path in zip(args.image, preds, draw_targets):
+    points_lib.draw_points(inputs.load_pixels(img, predictor.config), pred.points, out_path=path)
+    print(f"wrote {path}", file=sys.stderr)
   return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(errors.run_main(main))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -21,9 +21,10 @@ import numpy as np
 
 from molmo_jax import sharding
 from molmo_jax.config import MolmoConfig
-from molmo_jax.generate import GenerationOutput, SamplingConfig, bucket_length, generate
+from molmo_jax.errors import UserError
+from molmo_jax.generate import GenerationOutput, SamplingConfig, generate
 from molmo_jax.models.molmo import Molmo, abstract_params
-from molmo_jax.preprocess import examples, image as image_lib, image_io, points as points_lib
+from molmo_jax.preprocess import inputs, points as points_lib
 from molmo_jax.preprocess.tokens import MolmoTokenizer
 
 
@@ -50,6 +51,33 @@ class Prediction:
 def apply_stop_strings(text: str, stop: Sequence[str]) -> tuple[str, bool]:
   cut = min((text.find(s) for s in stop if s and s in text), default=-1)
   return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def _label(image: Any, index: int) -> str:
+  return f"prompt {index} (image {image})" if isinstance(image, (str, os.PathLike)) else f"prompt {index}"
+
+
+def fit_context(prompt_lengths: Sequence[int], max_new_tokens: int, limit: int,
+                shorten: bool = False, labels: Sequence[str] | None = None) -> int:
+  """max_new_tokens to generate with, checked against the model's position limit.
+
+  Every position (prompt tokens, image tokens included, then each new token) must be below
+  `limit`. Refuses with a UserError naming the longest prompt, or with `shorten` returns the
+  largest max_new_tokens that fits (a prompt that alone fills the context is still refused).
+  """
+  if max_new_tokens < 1:
+    raise UserError("max_new_tokens", f"expected >= 1, got {max_new_tokens}")
+  longest = max(range(len(prompt_lengths)), key=lambda i: prompt_lengths[i])
+  length = prompt_lengths[longest]
+  label = labels[longest] if labels else f"prompt {longest}"
+  if length + max_new_tokens <= limit:
+    return max_new_tokens
+  if shorten and length < limit:
+    return limit - length
+  raise UserError(label, f"{length} tokens (text and image) + max_new_tokens {max_new_tokens} = "
+                  f"{length + max_new_tokens} exceeds the model's {limit} positions",
+                  "shorten the prompt, use fewer crops or fewer new tokens"
+                  + ("" if length >= limit else ", or allow shortening the answer to fit"))
 
 
 class Predictor:
@@ -80,10 +108,21 @@ class Predictor:
   @classmethod
   def from_checkpoint(cls, directory: str | os.PathLike, *, dtype: str | None = None,
                       mesh: jax.sharding.Mesh | None = None, max_crops: int | None = None,
+                      resize_method: str | None = None,
+                      preprocess: Mapping[str, Any] | None = None,
                       quantize: Any = None) -> "Predictor":
-    """Loads params, config and tokenizer; `dtype` ("bfloat16"/"float32") overrides compute and
-    parameter dtype; with `mesh` the params are restored directly into their shardings;
-    `quantize` ("int8", "int4", "int8+vit", ...) quantizes the weights at load time."""
+    """Loads params, config and tokenizer.
+
+    Args:
+      dtype: "bfloat16"/"float32" overrides compute and parameter dtype.
+      mesh: the params are restored directly into their shardings.
+      max_crops: high-res crops per image (default: the config's).
+      resize_method: "tensorflow" (what converted release checkpoints use, as the HF processor)
+        or "torchvision" (the native repo's default); see docs/fidelity.md.
+      preprocess: other PreprocessConfig fields to change (e.g. {"alpha": "composite"}).
+      quantize: "int8", "int4", "int8+vit", ... quantizes the weights at load time
+        (molmo_jax.quantize); None / "none" keeps them in float.
+    """
     from molmo_jax.training.checkpoint import load_model_checkpoint
     config_path = Path(directory) / "config.json"
     if not config_path.is_file():
@@ -91,6 +130,7 @@ class Predictor:
     config = MolmoConfig.from_json(config_path.read_text())
     if dtype is not None:
       config = config.replace(dtype=dtype, param_dtype=dtype)
+    config = config.with_preprocess(resize_method=resize_method, **dict(preprocess or {}))
     expected = abstract_params(config, mesh)
     ckpt = load_model_checkpoint(directory, expected_params=expected)
     if ckpt.tokenizer_dir is None:
@@ -98,30 +138,34 @@ class Predictor:
     tokenizer = MolmoTokenizer.from_checkpoint(ckpt.tokenizer_dir, config.llm.vocab_size)
     return cls(config, ckpt.params, tokenizer, mesh=mesh, max_crops=max_crops, quantize=quantize)
 
-  def _example(self, image: Any, prompt: str, style: str | None) -> tuple[dict, tuple[int, int] | None]:
-    if image is None:
-      return examples.build_example([prompt], None, self.tokenizer, self.config, for_training=False,
-                                    style=style), None
-    pixels = image_io.load_image(image)
-    crops = image_lib.multicrop_image(pixels, self.config.preprocess, max_crops=self.max_crops)
-    ex = examples.build_example([prompt], [crops], self.tokenizer, self.config, for_training=False,
-                                style=style)
-    return ex, crops.original_size
+  def batch(self, images: Sequence[Any], prompts: Sequence[str], *,
+            style: str | None = None) -> inputs.ModelBatch:
+    """The model batch for images[i] (None, one image or a list) with prompts[i]; see
+    `molmo_jax.preprocess.inputs.build_batch`."""
+    return inputs.build_batch(images, prompts, self.tokenizer, self.config, style=style,
+                              max_crops=self.max_crops, length_bucket=self.length_bucket)
 
   def predict(self, images: Sequence[Any], prompts: Sequence[str], *,
               sampling: SamplingConfig | None = None, style: str | None = None,
-              stop_strings: Sequence[str] = (), seed: int = 0) -> list[Prediction]:
-    """One batch: images[i] (path, bytes, PIL, array or None) with prompts[i]."""
+              stop_strings: Sequence[str] = (), seed: int = 0,
+              shorten_to_fit: bool = False) -> list[Prediction]:
+    """One batch: images[i] (path, bytes, PIL, array, a list of those, or None) with prompts[i].
+
+    A prompt (text + image tokens) plus max_new_tokens beyond the model's position limit
+    (llm.rope_max_length) is refused with a UserError before anything is compiled, unless
+    `shorten_to_fit` lowers max_new_tokens for this batch to what fits.
+    """
     if len(images) != len(prompts):
       raise ValueError(f"predict: {len(images)} images but {len(prompts)} prompts")
     sampling = sampling or SamplingConfig()
     sampling = dataclasses.replace(sampling, eos_id=self.tokenizer.eos_id)
-    built = [self._example(img, p, style) for img, p in zip(images, prompts)]
-    seq_len = bucket_length(max(len(ex["input_ids"]) for ex, _ in built), self.length_bucket)
-    batch = examples.collate([ex for ex, _ in built], seq_len, self.max_crops)
-    out = self._generate(batch, sampling, seed)
+    batch = self.batch(images, prompts, style=style)
+    max_new = fit_context(batch.lengths, sampling.max_new_tokens, self.config.llm.rope_max_length,
+                          shorten_to_fit, labels=[_label(img, i) for i, img in enumerate(images)])
+    sampling = dataclasses.replace(sampling, max_new_tokens=max_new)
+    out = self._generate(batch.arrays, sampling, seed)
     preds = []
-    for i, (_, size) in enumerate(built):
+    for i, size in enumerate(batch.image_sizes):
       tokens = [int(t) for t in out.tokens[i, :out.lengths[i]]]
       text_tokens = [t for t in tokens if t != self.tokenizer.eos_id]
       text, stopped = apply_stop_strings(self.tokenizer.decode(text_tokens), stop_strings)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from molmo_jax import config as C
+from molmo_jax import errors
 from molmo_jax import lora
 from molmo_jax import sharding
 from molmo_jax.models.molmo import Molmo
@@ -137,16 +138,21 @@ def test_adapter_files_round_trip_and_merge_into_a_model_directory(setup, tmp_pa
   with pytest.raises(FileExistsError):
     lora.save_adapters(adapter_dir, params, LORA)
 
-  assert lora.main(["merge", "--base", str(base_dir), "--adapters", str(adapter_dir),
-                    "--out", str(tmp_path / "merged")]) == 0
+  run = lambda *argv: errors.run_main(lora.main, ["merge", *argv])
+  assert run("--base", str(base_dir), "--adapters", str(adapter_dir),
+             "--out", str(tmp_path / "merged")) == 0
   merged = load_model_checkpoint(tmp_path / "merged")
   assert merged.config == cfg
   reference = lora.merge_adapters(lora.base_params(params), expected, LORA)
   assert jax.tree.all(jax.tree.map(lambda a, b: np.allclose(a, b, atol=1e-6, rtol=0),
                                    jax.device_get(merged.params), reference))
-  assert lora.main(["merge", "--base", str(tmp_path / "nope"), "--adapters", str(adapter_dir),
-                    "--out", str(tmp_path / "x")]) == 2
+  assert run("--base", str(tmp_path / "nope"), "--adapters", str(adapter_dir),
+             "--out", str(tmp_path / "x")) == 2
   assert not (tmp_path / "x").exists()
+  assert run("--base", str(base_dir), "--adapters", str(base_dir),           # not adapters
+             "--out", str(tmp_path / "y")) == 2
+  assert run("--base", str(base_dir), "--adapters", str(adapter_dir),        # exists already
+             "--out", str(tmp_path / "merged")) == 2
 
 
 def test_config_validation():

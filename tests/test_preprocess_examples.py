@@ -1,5 +1,6 @@
 """Example building, packing, masks/positions and collation (spec §2.3, §2.5, §8.1-8.2)."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -13,6 +14,7 @@ from molmo_jax.preprocess.types import IGNORED_INDEX, MultiCropImage
 
 # Crops of 4x4 patches of 4x4 px -> P = 16, C = 48, Q = 4 pooled cells (2x2) per crop.
 PRE = PreprocessConfig(crop_size=16, patch_size=4, pool_size=2, overlap_margins=(1, 1), max_crops=4)
+PRE_BOS = dataclasses.replace(PRE, text_only_bos=True)
 WORDS = ["[UNK]", "User:", "Assistant:", "What", "is", "this?", "a", "cat", "dog", "hi", "vqa2:"]
 USER, HI, ASSISTANT, A, CAT, DOG, WHAT = 1, 9, 2, 6, 7, 8, 3
 EOS = BOS = 11
@@ -85,15 +87,42 @@ def test_inference_example_layout(tok):
 
 
 def test_multi_turn_weights_every_answer_and_a_per_example_weight(tok):
-  ex = E.build_example(["hi", "cat", "hi", "dog"], None, tok, PRE, for_training=True, weight=1.5)
+  ex = E.build_example(["hi", "cat", "hi", "dog"], None, tok, PRE_BOS, for_training=True,
+                       weight=1.5)
   # targets: User: hi Assistant: cat EOS User: hi Assistant: dog EOS
-  assert ex["target_ids"].tolist() == [USER, HI, ASSISTANT, CAT, EOS] + [
-      USER, HI, ASSISTANT, DOG, EOS]
+  tokens = [USER, HI, ASSISTANT, CAT, EOS, USER, HI, ASSISTANT, DOG, EOS]
+  assert ex["target_ids"].tolist() == tokens
+  assert ex["input_ids"].tolist() == [BOS] + tokens[:-1]
   assert ex["loss_weights"].tolist() == [0, 0, 0, 1.5, 1.5, 0, 0, 0, 1.5, 1.5]
 
 
+def test_text_only_training_example_has_no_bos_by_default(tok):
+  ex = E.build_example(["hi", "cat", "hi", "dog"], None, tok, PRE, for_training=True, weight=1.5)
+  tokens = [USER, HI, ASSISTANT, CAT, EOS, USER, HI, ASSISTANT, DOG, EOS]
+  assert ex["input_ids"].tolist() == tokens[:-1]
+  assert ex["target_ids"].tolist() == tokens[1:]
+  assert ex["loss_weights"].tolist() == [0, 0, 1.5, 1.5, 0, 0, 0, 1.5, 1.5]
+  assert ex["position_ids"].tolist() == list(range(9))
+  assert ex["subsegment_ids"].tolist() == [0] * 9
+  packed = E.build_example([["hi", "cat"], ["hi", "dog"]], None, tok, PRE, for_training=True)
+  assert packed["input_ids"].tolist() == tokens[:-1]
+  assert packed["subsegment_ids"].tolist() == [1] * 5 + [2] * 4
+  assert packed["position_ids"].tolist() == list(range(5)) + list(range(4))
+
+
+def test_text_only_inference_example_has_no_bos_by_default(tok):
+  ex = E.build_example(["hi"], None, tok, PRE, for_training=False)
+  assert ex["input_ids"].tolist() == [USER, HI, ASSISTANT]
+  assert ex["position_ids"].tolist() == [0, 1, 2] and ex["subsegment_ids"].tolist() == [0, 0, 0]
+  with_bos = E.build_example(["hi"], None, tok, PRE_BOS, for_training=False)
+  assert with_bos["input_ids"].tolist() == [BOS, USER, HI, ASSISTANT]
+  # Examples with an image keep their BOS whatever the option says.
+  image = E.build_example(["hi"], [one_crop_image()], tok, PRE, for_training=False)
+  assert image["input_ids"][0] == BOS
+
+
 def test_text_only_example_has_empty_image_arrays(tok):
-  ex = E.build_example(["hi"], [], tok, PRE, for_training=False)
+  ex = E.build_example(["hi"], [], tok, PRE_BOS, for_training=False)
   assert ex["input_ids"].tolist() == [BOS, USER, HI, ASSISTANT]
   assert ex["images"].shape == (0, 16, 48)
   assert ex["image_masks"].shape == (0, 16)
@@ -136,7 +165,7 @@ def test_image_shapes_are_checked_against_the_config(tok):
 
 def test_style_prefix_goes_before_the_question(tok):
   ex = E.build_example(["hi"], None, tok, PRE, for_training=False, style="eval_short_answer")
-  assert ex["input_ids"].tolist() == [BOS, USER, 10, HI, ASSISTANT]
+  assert ex["input_ids"].tolist() == [USER, 10, HI, ASSISTANT]
 
 
 def test_packing_hand_worked(tok):
@@ -226,7 +255,7 @@ def test_collate_shapes_and_padding(tok):
   n0 = len(exs[0]["input_ids"])
   assert batch["input_ids"][0, :n0].tolist() == exs[0]["input_ids"].tolist()
   assert (batch["input_ids"][0, n0:] == -1).all() and (batch["target_ids"][0, n0:] == -1).all()
-  assert (batch["position_ids"][1, 10:] == -1).all() and (batch["subsegment_ids"][1, 10:] == -1).all()
+  assert (batch["position_ids"][1, 9:] == -1).all() and (batch["subsegment_ids"][1, 9:] == -1).all()
   assert (batch["loss_weights"][0, n0:] == 0).all()
   assert (batch["images"][0, 3] == -1).all() and (batch["images"][0, :3] == 2.0).all()
   assert (batch["images"][1] == -1).all() and (batch["image_masks"][1] == -1).all()
@@ -235,18 +264,18 @@ def test_collate_shapes_and_padding(tok):
 
 
 def test_collate_overflow_policies(tok):
-  exs = two_examples(tok)  # lengths 1 + 18 (block) + 5 - 1 = 23 and 10
+  exs = two_examples(tok)  # lengths 1 + 18 (block) + 5 - 1 = 23 and 10 - 1 (no BOS)
   with pytest.raises(ValueError, match="example 0: 23 tokens do not fit seq_len 20"):
     E.collate(exs, seq_len=20, max_crops=3)
   dropped = E.collate(exs, seq_len=20, max_crops=3, on_overflow="drop")
   assert dropped["input_ids"].shape == (1, 20)
-  assert dropped["input_ids"][0, :10].tolist() == exs[1]["input_ids"].tolist()
+  assert dropped["input_ids"][0, :9].tolist() == exs[1]["input_ids"].tolist()
 
   cut = E.collate(exs, seq_len=19, max_crops=3, on_overflow="truncate_text")
   assert cut["input_ids"][0].tolist() == exs[0]["input_ids"][:19].tolist()
   assert cut["input_ids"][0, -1] == END
   assert cut["loss_weights"][0].tolist() == exs[0]["loss_weights"][:19].tolist()
-  assert cut["input_ids"][1, :10].tolist() == exs[1]["input_ids"].tolist()
+  assert cut["input_ids"][1, :9].tolist() == exs[1]["input_ids"].tolist()
   with pytest.raises(ValueError, match="image blocks end at token 19"):
     E.collate(exs, seq_len=18, max_crops=3, on_overflow="truncate_text")
 

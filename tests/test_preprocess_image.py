@@ -16,7 +16,7 @@ from molmo_jax.preprocess import image as image_lib
 from molmo_jax.preprocess.image import (Letterbox, crop_layout, letterbox_geometry, multicrop_image,
                                         normalize_image, resize_and_pad, resize_image,
                                         select_crop_grid, to_unit_float)
-from molmo_jax.preprocess.image_io import ImageLoadError, load_image
+from molmo_jax.preprocess.image_io import ImageLoadError, image_size, load_image
 from molmo_jax.preprocess.types import IGNORED_INDEX
 
 RELEASE = PreprocessConfig()
@@ -423,9 +423,6 @@ def test_exif_orientation_is_applied():
 
 
 def test_modes_convert_deterministically():
-  rgba = Image.new("RGBA", (2, 2), (200, 100, 50, 128))
-  assert load_image(rgba)[0, 0].tolist() == [100, 50, 25]            # round(c * 128 / 255)
-  assert load_image(Image.new("LA", (2, 2), (90, 255)))[0, 0].tolist() == [90, 90, 90]
   assert load_image(Image.new("L", (2, 2), 7))[0, 0].tolist() == [7, 7, 7]
   assert load_image(Image.new("1", (2, 2), 1))[0, 0].tolist() == [255, 255, 255]
   assert load_image(Image.new("I;16", (2, 2), 257))[0, 0].tolist() == [1, 1, 1]
@@ -433,17 +430,77 @@ def test_modes_convert_deterministically():
   assert load_image(Image.new("I", (2, 2), 32896))[0, 0].tolist() == [128, 128, 128]
   assert load_image(Image.new("F", (2, 2), 3.7))[0, 0].tolist() == [3, 3, 3]
   assert load_image(Image.new("CMYK", (2, 2), (0, 0, 0, 0)))[0, 0].tolist() == [255, 255, 255]
-  assert load_image(Image.new("RGBa", (2, 2), (10, 20, 30, 40)))[0, 0].tolist() == [10, 20, 30]
   palette = Image.new("P", (2, 2), 1)
   palette.putpalette([0, 0, 0, 250, 120, 10] + [0] * 762)
   assert load_image(palette)[0, 0].tolist() == [250, 120, 10]
-  palette.info["transparency"] = 1
-  assert load_image(palette)[0, 0].tolist() == [0, 0, 0]             # transparent -> black
   grey = np.arange(6, dtype=np.uint8).reshape(2, 3)
   np.testing.assert_array_equal(load_image(grey), np.repeat(grey[:, :, None], 3, axis=2))
   np.testing.assert_array_equal(load_image(grey[:, :, None]), load_image(grey))
-  rgba_array = np.array([[[200, 100, 50, 255], [200, 100, 50, 0]]], np.uint8)
-  assert load_image(rgba_array).tolist() == [[[200, 100, 50], [0, 0, 0]]]
+
+
+def alpha_images():
+  """Images with alpha whose transparent pixels hide a colour (the case the two modes differ on)."""
+  rgba = np.zeros((3, 4, 4), np.uint8)
+  rgba[..., 0], rgba[..., 1], rgba[..., 2] = 200, 100, 50
+  rgba[..., 3] = np.array([0, 128, 255, 7], np.uint8)
+  palette = Image.new("P", (4, 3), 1)
+  palette.putpalette([0, 0, 0, 250, 120, 10] + [0] * 762)
+  palette.info["transparency"] = 1
+  palette_alpha = Image.new("PA", (4, 3), (1, 60))
+  palette_alpha.putpalette([0, 0, 0, 250, 120, 10] + [0] * 762)
+  return {"RGBA": Image.fromarray(rgba, "RGBA"), "LA": Image.fromarray(rgba[..., [0, 3]], "LA"),
+          "P+transparency": palette, "PA": palette_alpha,
+          "RGBa": Image.frombytes("RGBa", (4, 3), rgba.tobytes())}
+
+
+@pytest.mark.parametrize("kind", ["RGBA", "LA", "P+transparency", "PA", "RGBa"])
+def test_alpha_is_dropped_as_pil_convert_rgb_by_default(kind, tmp_path):
+  image = alpha_images()[kind]
+  expected = np.asarray(image.convert("RGB"))   # what the reference's load_image does
+  assert load_image(image).tolist() == expected.tolist()
+  if kind not in ("RGBa", "PA"):   # Pillow cannot save these as PNG
+    path = tmp_path / "alpha.png"
+    image.save(path)
+    assert load_image(path).tolist() == np.asarray(Image.open(path).convert("RGB")).tolist()
+    assert load_image(path.read_bytes()).tolist() == load_image(path).tolist()
+
+
+def test_alpha_compositing_option():
+  images = alpha_images()
+  rgba = np.asarray(images["RGBA"])
+  # round((c * a + bg * (255 - a)) / 255) per channel
+  over_black = load_image(images["RGBA"], alpha="composite")
+  assert over_black[0].tolist() == [[0, 0, 0], [100, 50, 25], [200, 100, 50], [5, 3, 1]]
+  over_white = load_image(images["RGBA"], alpha="composite", background=(255, 255, 255))
+  assert over_white[0, :2].tolist() == [[255, 255, 255], [227, 177, 152]]
+  assert load_image(rgba, alpha="composite").tolist() == over_black.tolist()
+  assert load_image(rgba).tolist() == rgba[..., :3].tolist()          # arrays drop it too
+  assert load_image(images["LA"], alpha="composite")[0, 1].tolist() == [100, 100, 100]
+  assert load_image(images["P+transparency"], alpha="composite")[0, 0].tolist() == [0, 0, 0]
+  assert load_image(images["P+transparency"], alpha="composite",
+                    background=(9, 8, 7))[0, 0].tolist() == [9, 8, 7]
+  # Premultiplied RGBa already holds c * a / 255: over black it is kept as stored.
+  assert load_image(images["RGBa"], alpha="composite")[0].tolist() == rgba[0, :, :3].tolist()
+  la_premultiplied = Image.frombytes("La", (1, 1), bytes([90, 255]))
+  assert load_image(la_premultiplied).tolist() == [[[90, 90, 90]]]
+  with pytest.raises(ValueError, match="alpha: expected one of"):
+    load_image(rgba, alpha="blend")
+  with pytest.raises(ValueError, match="background: expected three integers"):
+    load_image(rgba, alpha="composite", background=(256, 0, 0))
+
+
+def test_image_size_reads_the_oriented_size_without_decoding(tmp_path):
+  pixels = random_image(6, 10)
+  exif = Image.Exif()
+  exif[0x0112] = 6
+  data = encode(Image.fromarray(pixels), "JPEG", exif=exif)
+  assert image_size(data) == (6, 10) == load_image(data).shape[1::-1]
+  assert image_size(pixels) == (10, 6)
+  path = tmp_path / "x.png"
+  Image.fromarray(pixels).save(path)
+  assert image_size(path) == (10, 6) == image_size(Image.open(path))
+  with pytest.raises(ImageLoadError, match="nope.png"):
+    image_size(tmp_path / "nope.png")
 
 
 def test_bad_inputs_raise_image_load_error_naming_the_source(tmp_path, monkeypatch):

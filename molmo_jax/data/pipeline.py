@@ -42,11 +42,11 @@ import grain
 import numpy as np
 
 from molmo_jax.config import MolmoConfig, PreprocessConfig
-from molmo_jax.data.sources import SourceConfig, open_source
+from molmo_jax.data.sources import RecordError, SourceConfig, open_source
 from molmo_jax.preprocess.examples import (IMAGE_KEYS, IMAGE_TOKENS_END, OVERFLOW_POLICIES,
                                            TEXT_KEYS, build_example, collate)
 from molmo_jax.preprocess.image import multicrop_image
-from molmo_jax.preprocess.image_io import load_image
+from molmo_jax.preprocess.inputs import load_pixels
 from molmo_jax.preprocess.tokens import MolmoTokenizer
 
 _log = logging.getLogger(__name__)
@@ -269,12 +269,20 @@ def record_to_example(record: Mapping[str, Any], source_cfg: SourceConfig, tok: 
     conversations = conversations[0][:-1]   # the prompt: the first conversation minus its answer
   images = None
   if record.get("image") is not None:
-    pixels = load_image(record["image"])
+    pixels = load_pixels(record["image"], spec.pre)
     images = [multicrop_image(pixels, spec.pre, max_crops=spec.max_crops)]
   return build_example(conversations, images, tok, spec.pre, for_training=for_training, rng=rng,
                        style=record.get("style") or source_cfg.style, weight=record.get("weight"),
                        message_format=source_cfg.message_format,
                        root_subsegment_weighting=spec.root_subsegment_weighting)
+
+
+def record_location(source: Any, name: str, index: int, context: str) -> str:
+  """`file:line (source 'name', context)` for manifest records, else `source 'name' record i`."""
+  locate = getattr(source, "where", None)
+  if locate is not None:
+    return f"{locate(index)} (source {name!r}, {context})"
+  return f"source {name!r} record {index} ({context})"
 
 
 def _choose_conversations(conversations: list[list[str]], spec: _ExampleSpec, rng) -> list:
@@ -335,11 +343,14 @@ class _TrainExampleFn:
   def __call__(self, position: int) -> dict[str, Any]:
     source, record_index, _ = self.plan.locate(position)
     cfg = self.source_cfgs[source]
-    where = f"source {cfg.name!r} record {record_index} (stream position {position})"
+    where = record_location(self.sources[source], cfg.name, record_index,
+                            f"stream position {position}")
     rng = np.random.default_rng([self.seed, _EXAMPLE_SALT, position])
     try:
       ex = record_to_example(self.sources[source][record_index], cfg, self.tok, self.spec,
                              for_training=True, rng=rng)
+    except (ValueError, OSError) as e:   # a bad image or record: name its line, not the stream
+      raise RecordError(f"{where}: {e}") from e
     except Exception as e:
       e.add_note(f"while pre-processing {where}")
       raise
@@ -506,11 +517,13 @@ class _EvalRowFn:
       source = int(np.searchsorted(self.offsets, row, side="right") - 1)
       record_index = row - int(self.offsets[source])
       cfg = self.source_cfgs[source]
-      where = f"eval source {cfg.name!r} record {record_index}"
+      where = record_location(self.sources[source], cfg.name, record_index, "eval")
       rng = np.random.default_rng([self.seed, _EXAMPLE_SALT, row]) if self.for_training else None
       try:
         ex = record_to_example(self.sources[source][record_index], cfg, self.tok, self.spec,
                                self.for_training, rng)
+      except (ValueError, OSError) as e:
+        raise RecordError(f"{where}: {e}") from e
       except Exception as e:
         e.add_note(f"while pre-processing {where}")
         raise

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import Any, Mapping
 
@@ -27,7 +28,7 @@ import numpy as np
 
 from molmo_jax.data.synthetic import SyntheticConfig, SyntheticSource
 from molmo_jax.preprocess import points as points_lib
-from molmo_jax.preprocess.image_io import load_image
+from molmo_jax.preprocess.image_io import image_size
 
 SOURCE_KINDS = ("jsonl", "hf", "synthetic")
 POINT_TASKS = {"pointing": "pointing", "counting": "point_count"}   # task -> default style
@@ -77,8 +78,11 @@ def _describe(value: Any) -> str:
 
 
 def _check_weight(value: Any, where: str) -> float:
-  if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-    raise RecordError(f"{where}.weight: expected a positive number, got {_describe(value)}")
+  # JSON's 1e400 reads as inf and NaN as nan: both would end a run later as a "NaN loss".
+  if (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0
+      or not math.isfinite(value)):
+    raise RecordError(f"{where}.weight: expected a finite positive number, got "
+                      f"{_describe(value)}")
   return float(value)
 
 
@@ -98,8 +102,8 @@ class JsonlSource:
   Every line is validated when the manifest is opened; a bad line raises `RecordError` naming
   `file:line` and the field. Image paths are relative to `image_root` (default: the manifest's
   directory). Pointing/counting lines carry points and a label; their answers are written here
-  with `format_points` / `format_count_answer` (the image is decoded to learn its size when the
-  points are in pixels, and the decoded array is passed on so the pipeline does not decode twice).
+  with `format_points` / `format_count_answer` (when the points are in pixels the image's header is
+  read to learn its post-EXIF size; the pipeline decodes the pixels with the model's alpha option).
 
   Args:
     path: the manifest.
@@ -194,6 +198,9 @@ class JsonlSource:
     except (TypeError, ValueError):
       raise RecordError(f"{where}: field points: expected a list of [x, y] pairs, got "
                         f"{_describe(raw['points'])}") from None
+    if not np.isfinite(points).all():
+      raise RecordError(f"{where}: field points: expected finite numbers, got "
+                        f"{_describe(raw['points'])}")
     if units == "percent" and (points.min(initial=0) < 0 or points.max(initial=0) > 100):
       raise RecordError(f"{where}: field points: percent coordinates must lie in [0, 100]")
     if units == "pixels" and record["image"] is None:
@@ -204,6 +211,10 @@ class JsonlSource:
 
   def __len__(self) -> int:
     return len(self._records)
+
+  def where(self, index: int) -> str:
+    """`file:line` of record `index` (how errors about it are reported)."""
+    return f"{self.path}:{self._lines[_check_index(index, len(self))]}"
 
   def __getitem__(self, index) -> dict[str, Any]:
     index = _check_index(index, len(self))
@@ -218,8 +229,7 @@ class JsonlSource:
     if record.get("point_units", "pixels") == "percent":
       size = (100.0, 100.0)
     else:
-      record["image"] = load_image(record["image"])   # decoded once, here
-      size = (record["image"].shape[1], record["image"].shape[0])
+      size = image_size(record["image"])   # post-EXIF; the pixels are decoded by the pipeline
       if len(points) and ((points < 0).any() or (points > np.array(size)).any()):
         raise RecordError(f"{where}: field points: pixel points must lie inside the "
                           f"{size[0]}x{size[1]} image (after EXIF rotation), got {points.tolist()}")

@@ -29,6 +29,7 @@ from molmo_jax.evals.metrics import average_metrics
 from molmo_jax.evals.readers import DataError, Skip
 from molmo_jax.generate import SamplingConfig
 from molmo_jax.preprocess.image_io import load_image
+from molmo_jax.preprocess.inputs import load_pixels
 
 _log = logging.getLogger(__name__)
 MAX_LISTED_SKIPS = 100
@@ -154,8 +155,14 @@ class _Batcher:
     self.pending = []
 
 
-def _load_pixels(example) -> Any:
-  return None if example.image is None else load_image(example.image, name=f"example {example.id}")
+def _load_pixels(example, predictor: Any) -> Any:
+  """The example's pixels, alpha handled as the predictor's config says (default: dropped)."""
+  if example.image is None:
+    return None
+  config = getattr(predictor, "config", None)
+  if config is None:   # a stand-in predictor without a config: the reference's default
+    return load_image(example.image, name=f"example {example.id}")
+  return load_pixels(example.image, config, name=f"example {example.id}")
 
 
 def _progress(total: int | None, enabled: bool, name: str):
@@ -256,7 +263,7 @@ def evaluate(predictor: Any, task: str | tasks_lib.Task, data: Any = None, limit
       if item.id in done:
         continue
       try:
-        pixels = _load_pixels(item)
+        pixels = _load_pixels(item, predictor)
       except (OSError, ValueError) as e:
         order.pop()
         skips.append(Skip(item.id, f"unreadable image: {e}"))
@@ -283,8 +290,10 @@ def evaluate(predictor: Any, task: str | tasks_lib.Task, data: Any = None, limit
 def _result(task: tasks_lib.Task, rows: list[dict], skips: list[Skip], settings: dict,
             paper_model: str | None) -> dict:
   if not rows and skips:
-    raise DataError(f"{task.name}: all {len(skips)} examples were skipped, e.g. "
-                    f"{skips[0].id}: {skips[0].reason}")
+    raise DataError(f"{settings['data']}: all {len(skips)} examples were skipped ({task.name}), "
+                    f"e.g. {skips[0].id}: {skips[0].reason}")
+  if not rows:
+    raise DataError(f"{settings['data']}: no examples for {task.name} (empty data file?)")
   scored = [r["scores"] for r in rows if r.get("scores") is not None]
   values = average_metrics(scored)
   if task.summarize is not None and scored:
@@ -311,14 +320,26 @@ def evaluate_suite(predictor: Any, data_root: str | os.PathLike,
   if not root.is_dir():
     raise DataError(f"--task all needs --data to be a folder with one subfolder per task "
                     f"({', '.join(tasks_lib.ACADEMIC_TASKS)}); {root} is not a folder")
-  results, missing = [], []
-  for name in task_names:
-    folder = root / name
-    if not folder.exists():
-      missing.append(name)
-      continue
-    results.append(evaluate(predictor, name, data=folder, **kwargs))
-  return {"results": results, "missing": missing, "average": suite_average(results)}
+  task_names = list(task_names)
+  found = [name for name in task_names if (root / name).exists()]
+  missing = [name for name in task_names if name not in found]
+  if not found:
+    raise DataError(f"--data {root}: none of the task folders {', '.join(task_names)} is there "
+                    f"(it holds {_listing(root)}); give the folder that contains them")
+  if missing:
+    _log.warning(
+        "--data %s: found task folders %s; missing %s (reported as missing)", root,
+        ", ".join(found), ", ".join(missing))
+  results = [evaluate(predictor, name, data=root / name, **kwargs) for name in found]
+  return {"results": results, "found": found, "missing": missing,
+          "average": suite_average(results)}
+
+
+def _listing(root: Path, limit: int = 6) -> str:
+  names = sorted(p.name for p in root.iterdir())
+  if not names:
+    return "nothing"
+  return ", ".join(names[:limit]) + (f", ... ({len(names)} entries)" if len(names) > limit else "")
 
 
 def suite_average(results: Sequence[dict]) -> dict:

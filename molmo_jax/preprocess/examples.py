@@ -4,10 +4,15 @@ Legend: T = tokens of one example, N = crops of all its images (global views inc
 per crop, C = patch_size*patch_size*3, Q = pooled cells per crop, B = batch, S = seq_len,
 M = max_crops + 1 crop slots.
 
-One example (spec §2.3), `tokens` = image blocks + chat text with EOS after every answer:
+One example (`MultiModalPreprocessor.__call__` in the reference), `tokens` = image blocks + chat
+text with EOS after every answer:
   training   input_ids = [BOS] + tokens[:-1], target_ids = tokens (the shift is baked in here),
              loss_weights[i] = weight of predicting target_ids[i]: answer tokens and their EOS
   inference  input_ids = [BOS] + tokens
+Text-only examples (no image) have no BOS, as in the reference (PreprocessConfig.text_only_bos
+adds it): inference input_ids = tokens; training input_ids = tokens[:-1], target_ids = tokens[1:]
+(the reference's own text-only training arrays repeat the input as the target; see
+docs/fidelity.md).
 Each image's block replaces its `<|image|>` marker when the text has markers, else all blocks go
 right after BOS. `image_input_idx` indexes input_ids (the +1 for BOS is included); discarded cells
 stay -100 (the reference adds the insertion offset to them too, spec §10.35; we do not).
@@ -103,8 +108,14 @@ def build_example(messages: Sequence[str] | Sequence[Sequence[str]],
   scale = 1.0 if weight is None else float(weight)
   if root_subsegment_weighting:
     scale *= math.sqrt(1.0 / len(conversations))
-  bos = np.array([tok.bos_id], np.int32)
-  first_segment = segments[:1] if len(segments) else np.zeros(1, np.int32)
+  # Text-only examples have no BOS by default (the reference); `text_only_bos` restores it.
+  with_bos = bool(images) or pre.text_only_bos
+  bos = np.array([tok.bos_id] if with_bos else [], np.int32)
+  first_segment = segments[:1] if with_bos else np.zeros(0, np.int32)
+  if for_training and not with_bos:   # predict tokens[1:] from tokens[:-1]
+    target_ids, weights = tokens[1:], weights[1:]
+  else:
+    target_ids = tokens
   if for_training:
     input_ids = np.concatenate([bos, tokens[:-1]])
     subsegment_ids = np.concatenate([first_segment, segments[:-1]])
@@ -122,7 +133,7 @@ def build_example(messages: Sequence[str] | Sequence[Sequence[str]],
   ends = [start + len(block) + 1 for start, (block, _) in zip(block_starts, blocks)]
   out[IMAGE_TOKENS_END] = np.int32(max(ends, default=0))
   if for_training:
-    out["target_ids"] = tokens.astype(np.int32)
+    out["target_ids"] = target_ids.astype(np.int32)
     out["loss_weights"] = (weights * scale).astype(np.float32)
   return out
 

@@ -17,25 +17,25 @@ A model directory is what converters write and predict/eval read:
   <dir>/tokenizer/     tokenizer files (optional)
 
 It is assembled in a hidden sibling directory and renamed into place at the end, so a failed
-write leaves nothing at `<dir>`.
+write leaves nothing at `<dir>` (molmo_jax.output_dirs).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import uuid
 from pathlib import Path
-from typing import Any, Iterator, Mapping, NamedTuple
+from typing import Any, Mapping, NamedTuple
 
 import etils.epath as epath
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from molmo_jax import errors
 from molmo_jax.config import MolmoConfig
+from molmo_jax.output_dirs import staged_directory
 from molmo_jax.training.optimizer import path_name
 
 _ITEMS = ("params", "opt_state", "meta")
@@ -115,7 +115,10 @@ def check_tree_matches(stored: Any, expected: Any, where: str) -> None:
 
 
 def _check_stored_tree(directory: Path, target: Any, where: str) -> None:
-  stored = ocp.StandardCheckpointHandler().metadata(epath.Path(directory)).tree
+  try:
+    stored = ocp.StandardCheckpointHandler().metadata(epath.Path(directory)).tree
+  except Exception as e:  # noqa: BLE001 - any failure to read _METADATA is unreadable storage
+    raise errors.unreadable_data(where, e) from e
   check_tree_matches(stored, target, where)
 
 
@@ -123,7 +126,10 @@ def _restore_pytree(directory: Path, target: Any, where: str) -> Any:
   if target is not None:
     _check_stored_tree(directory, target, where)
   handler = ocp.StandardCheckpointHandler()
-  return handler.restore(epath.Path(directory), args=ocp.args.StandardRestore(target))
+  try:
+    return handler.restore(epath.Path(directory), args=ocp.args.StandardRestore(target))
+  except Exception as e:  # noqa: BLE001 - the tree matched, so a failure here is the stored bytes
+    raise errors.unreadable_data(where, e) from e
 
 
 # ------------------------------------------------------------------------------------------
@@ -218,11 +224,18 @@ class TrainCheckpointer:
     if abstract_state.get("params") is not None:
       _check_stored_tree(step_dir / "params", abstract_state["params"], f"checkpoint step {step}")
 
-    restored = self._manager.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(abstract_state.get("params")),
-        opt_state=ocp.args.StandardRestore(abstract_state.get("opt_state")),
-        meta=ocp.args.JsonRestore(),
-    ))
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(
+          params=ocp.args.StandardRestore(abstract_state.get("params")),
+          opt_state=ocp.args.StandardRestore(abstract_state.get("opt_state")),
+          meta=ocp.args.JsonRestore(),
+      ))
+    except (ValueError, TypeError) as e:
+      if errors.looks_like_bad_data(e):
+        raise errors.unreadable_data(f"checkpoint {step_dir}", e) from e
+      raise
+    except OSError as e:
+      raise errors.unreadable_data(f"checkpoint {step_dir}", e) from e
     meta = restored.meta
     return {
         "params": restored.params,
@@ -303,34 +316,6 @@ def save_model_checkpoint(directory: str | os.PathLike, params: Any, config_json
     if tokenizer_dir is not None:
       shutil.copytree(tokenizer_dir, staging / _TOKENIZER_DIR)
   return directory
-
-
-@contextlib.contextmanager
-def staged_directory(directory: Path) -> Iterator[Path]:
-  """Yields a hidden sibling folder to write into; on success it replaces `directory`, on any
-  error it is removed, so `directory` only ever holds a complete result (or its old contents)."""
-  directory = Path(directory)
-  directory.parent.mkdir(parents=True, exist_ok=True)
-  staging = directory.parent / f".{directory.name}.partial-{uuid.uuid4().hex[:12]}"
-  try:
-    staging.mkdir()
-    yield staging
-    _replace_directory(staging, directory)
-  except BaseException:
-    shutil.rmtree(staging, ignore_errors=True)
-    raise
-
-
-def _replace_directory(staging: Path, directory: Path) -> None:
-  if not directory.exists():
-    os.rename(staging, directory)
-    return
-  # Two renames instead of rmtree-then-rename: at every instant `directory` is either the old
-  # complete model or the new one.
-  retired = directory.parent / f".{directory.name}.old-{uuid.uuid4().hex[:12]}"
-  os.rename(directory, retired)
-  os.rename(staging, directory)
-  shutil.rmtree(retired, ignore_errors=True)
 
 
 def load_model_checkpoint(directory: str | os.PathLike, expected_params: Any = None

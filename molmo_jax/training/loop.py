@@ -13,11 +13,18 @@
         written after its step's metrics were checked, so the last one on disk is good.
 
 Workdir layout: checkpoints/<step>/ (Orbax), tensorboard/ (event files), metrics.jsonl (one
-line per step, process 0), profile/ (jax.profiler traces).
+line per step, process 0; on resume the rows after the restored step are dropped, so after any
+kill exactly one row per step remains), profile/ (jax.profiler traces), model_config.json and
+train_config.json (a resume with another model or data config is refused before they are
+touched), .lock (one run per workdir; molmo_jax.training.workdir).
+SIGTERM / SIGINT are caught from the start of `train` (train.py installs the handler before
+importing JAX): a signal during set-up or compilation stops the run before or after its first
+step, never losing a checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -40,6 +47,7 @@ from molmo_jax.config import MolmoConfig
 from molmo_jax.models.molmo import Molmo
 from molmo_jax.training import flops as flops_lib
 from molmo_jax.training import train_step as step_lib
+from molmo_jax.training import workdir as workdir_lib
 from molmo_jax.training.checkpoint import TrainCheckpointer, restore_params_only
 from molmo_jax.training.optimizer import OptimizerConfig, build_optimizer
 
@@ -183,9 +191,11 @@ class StopRequest:
 class MetricsLogger:
   """Console, metrics.jsonl and TensorBoard; everything is written by process 0 only."""
 
-  def __init__(self, workdir: Path, log_every: int, tensorboard: bool):
+  def __init__(self, workdir: Path, log_every: int, tensorboard: bool, resume_step: int = 0):
     self.enabled = jax.process_index() == 0
     self.log_every = max(int(log_every), 1)
+    if self.enabled:     # rows of steps the resumed run will replay go (one row per step)
+      workdir_lib.trim_metrics(workdir / "metrics.jsonl", resume_step)
     self._jsonl = open(workdir / "metrics.jsonl", "a") if self.enabled else None
     self._writer = None
     if self.enabled and tensorboard:
@@ -337,26 +347,39 @@ def configure_jax(config: Any) -> None:
         jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
 
 
-def train(config: Any, workdir: str | os.PathLike, data_iterator: Any = None) -> RunResult:
+def train(config: Any, workdir: str | os.PathLike, data_iterator: Any = None,
+          stop: StopRequest | None = None) -> RunResult:
   """Runs (or resumes) the job `config` describes in `workdir`; see the module docstring.
 
   data_iterator: optional replacement for the configured input pipeline: an iterator of local
     batches (dicts of numpy arrays, [global_batch / process_count, ...]) with get_state() /
     set_state() returning / taking JSON-able dicts, like pipeline.TrainIterator.
+  stop: a StopRequest the caller entered already (train.py does so before importing JAX, so a
+    SIGTERM during start-up is honoured); by default one is installed before anything compiles.
   """
+  with contextlib.ExitStack() as stack:
+    if stop is None:
+      stop = stack.enter_context(StopRequest())
+    return _train(config, workdir, data_iterator, stop, stack)
+
+
+def _train(config: Any, workdir: str | os.PathLike, data_iterator: Any, stop: StopRequest,
+           stack: contextlib.ExitStack) -> RunResult:
   initialize_distributed(config.get("distributed") or {})
   configure_jax(config)
   if jax.process_index() != 0:    # progress is reported by process 0; others only warn
     logging.getLogger("molmo_jax").setLevel(logging.WARNING)
   workdir = Path(workdir).absolute()
   workdir.mkdir(parents=True, exist_ok=True)
+  if jax.process_index() == 0:    # before anything in the workdir is read or written
+    stack.enter_context(workdir_lib.WorkdirLock(workdir))
   init_from = config.get("init_from") or ""
   model_cfg = build_model_config(config.model, init_from)
   data_cfg = data_config(config.data)
   max_crops = data_cfg.max_crops or model_cfg.preprocess.max_crops
   if jax.process_index() == 0:
-    (workdir / "model_config.json").write_text(model_cfg.to_json())
-    (workdir / "train_config.json").write_text(config.to_json_best_effort(indent=2))
+    workdir_lib.check_and_record_configs(workdir, model_cfg.to_json(),
+                                         config.to_json_best_effort(indent=2))
 
   mesh = sharding_lib.make_mesh(**dict(config.mesh))
   lora_cfg = lora_config(config)
@@ -382,7 +405,8 @@ def train(config: Any, workdir: str | os.PathLike, data_iterator: Any = None) ->
   ckpt_cfg = config.checkpoint
   ckpt = TrainCheckpointer(workdir / "checkpoints", save_every=int(ckpt_cfg.save_every),
                            keep=int(ckpt_cfg.keep) or None, async_save=bool(ckpt_cfg.async_save))
-  logger = MetricsLogger(workdir, config.log_every, bool(config.tensorboard))
+  logger = MetricsLogger(workdir, config.log_every, bool(config.tensorboard),
+                         resume_step=ckpt.latest_step() or 0)
   try:
     state = _restore_or_init(config, ckpt, model, optimizer, mesh, spec, abstract, data_iterator,
                              lora_cfg)
@@ -391,9 +415,8 @@ def train(config: Any, workdir: str | os.PathLike, data_iterator: Any = None) ->
     throughput = _Throughput(step_flops, data_cfg.global_batch_size * data_cfg.seq_len,
                              jax.device_count(), _peak_flops(config))
     profiler = Profiler(workdir, config.profile.start_step, config.profile.num_steps)
-    with StopRequest() as stop:
-      result, state = _run_steps(config, state, step_fn, data_iterator, mesh, ckpt, logger,
-                                 throughput, profiler, stop, total_steps)
+    result, state = _run_steps(config, state, step_fn, data_iterator, mesh, ckpt, logger,
+                               throughput, profiler, stop, total_steps)
     if lora_cfg.enabled:
       _save_run_adapters(workdir, state, lora_cfg)
     return result
@@ -421,7 +444,12 @@ def _run_steps(config, state, step_fn, data_iter: Iterator, mesh, ckpt: TrainChe
     return values
 
   throughput.start()
-  stopped = False
+  stopped = stop.agreed()
+  if stopped:      # signalled during start-up: nothing new to save, the workdir is as it was
+    why = signal.Signals(stop.received).name if stop.received else "another process's signal"
+    _log.warning("%s before the first step: stopped at step %d; rerun the same command to resume",
+                 why, step)
+    return RunResult(step=step, stopped_by_signal=True, last_metrics={})
   while step < total_steps:
     batch = step_lib.make_global_batch(next(data_iter), mesh)
     profiler.before_step(step + 1)
