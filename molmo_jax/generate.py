@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from molmo_jax.models.decoder import init_cache
+from molmo_jax.models.layers import constrain
 from molmo_jax.models.molmo import Molmo, default_positions
 
 Array = jax.Array
@@ -70,6 +71,15 @@ def choose_tokens(logits: Array, rng: Array, sampling: SamplingConfig) -> Array:
   return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
+# KV cache [L, B, S, K, h]: batch and kv heads split like the attention's keys (a no-op without
+# an active mesh). Pinned at creation and after every write, so the loops carry it sharded.
+CACHE_AXES = (None, "activation_batch", None, "activation_kv_heads", "activation_head_dim")
+
+
+def _constrain_cache(cache: dict) -> dict:
+  return {k: constrain(v, CACHE_AXES) for k, v in cache.items()}
+
+
 def _prefill(model: Molmo, params: Any, prefill: Mapping[str, Array], cache: dict, mask: Array,
              last: Array, rows_per_pass: int) -> tuple[Array, dict]:
   """Runs the prompt through the model, filling `cache`; -> (logits at `last` [B, V], cache).
@@ -86,7 +96,7 @@ def _prefill(model: Molmo, params: Any, prefill: Mapping[str, Array], cache: dic
     # Only the last prompt position's logits are needed: the prompt's [B, T, V] logits are never
     # computed (the unused ones are dead code), which matters for big vocabularies.
     logits = model.apply({"params": params}, hidden[:, None], method="lm_logits")[:, 0]
-    return logits, out["cache"]
+    return logits, _constrain_cache(out["cache"])
   if b % rows_per_pass:
     raise ValueError(f"prefill_rows_per_pass {rows_per_pass} must divide the batch size {b}")
   r = rows_per_pass
@@ -96,11 +106,12 @@ def _prefill(model: Molmo, params: Any, prefill: Mapping[str, Array], cache: dic
     cache, hidden = carry
     start = g * r
     piece = {k: take(v, start) for k, v in prefill.items()}
-    small = {k: jnp.zeros((v.shape[0], r) + v.shape[2:], v.dtype) for k, v in cache.items()}
+    small = _constrain_cache({k: jnp.zeros((v.shape[0], r) + v.shape[2:], v.dtype)
+                              for k, v in cache.items()})
     _, out = model.apply({"params": params}, piece, cache=small, cache_index=jnp.int32(0),
                          attention_mask=take(mask, start))
-    cache = {k: jax.lax.dynamic_update_slice_in_dim(cache[k], out["cache"][k], start, axis=1)
-             for k in cache}
+    cache = _constrain_cache({k: jax.lax.dynamic_update_slice_in_dim(cache[k], out["cache"][k],
+                                                                    start, axis=1) for k in cache})
     h = out["hidden"][jnp.arange(r), take(last, start)]
     return cache, jax.lax.dynamic_update_slice_in_dim(hidden, h, start, axis=0)
 
@@ -119,7 +130,7 @@ def _generate(params: Any, batch: Mapping[str, Array], rng: Array, *, model: Mol
   steps = sampling.max_new_tokens
   s = t + steps
   cfg = model.config
-  cache = init_cache(cfg.llm, b, s, jnp.dtype(cfg.dtype))
+  cache = _constrain_cache(init_cache(cfg.llm, b, s, jnp.dtype(cfg.dtype)))
   valid = input_ids != -1
   key_valid = jnp.concatenate([valid, jnp.zeros((b, steps), bool)], axis=1)        # [B, S]
   slots = jnp.arange(s, dtype=jnp.int32)
@@ -159,8 +170,8 @@ def _generate(params: Any, batch: Mapping[str, Array], rng: Array, *, model: Mol
                   "position_ids": next_position[:, None]}
     step_logits, out = model.apply({"params": params}, step_batch, cache=cache, cache_index=slot,
                                    attention_mask=mask)
-    return (i + 1, out["cache"], key_valid, step_logits[:, 0], next_position + 1, tokens, lengths,
-            done, rng)
+    return (i + 1, _constrain_cache(out["cache"]), key_valid, step_logits[:, 0], next_position + 1,
+            tokens, lengths, done, rng)
 
   state = (jnp.int32(0), prefilled_cache, key_valid, next_logits, next_position, tokens, lengths, done, rng)
   state = jax.lax.while_loop(cond, body, state)

@@ -28,7 +28,6 @@ Files:
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math

@@ -6,8 +6,9 @@ scanned blocks, q = round(W / s) the quantized values, s the per-channel scale.
 qwix intercepts the matmuls (`lax.dot_general`, `jnp.einsum`) of the modules its rules match and
 runs them on quantized weights; activations stay in the compute dtype ("weight-only"). Each
 weight gets one scale per output channel (per element of O, and per layer of a scanned stack):
-s = max|W| over the contracted dims I / qmax (127 for int8, 7 for int4), symmetric, no zero point,
-so |dequantize(q) - W| <= s / 2 everywhere.
+s = max|W| over the contracted dims I / (qmax + 0.5) (127.5 for int8, 7.5 for int4: qwix's bound,
+the extreme values round to qmax), symmetric, no zero point, so |dequantize(q) - W| <= s / 2
+everywhere.
 
 What is quantized: every dense layer of the language model (attention q/k/v/o, dense MLP) and
 its LM head, optionally the vision tower's dense layers (`vit`). The token embedding (a lookup,

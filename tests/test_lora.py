@@ -3,7 +3,6 @@ trained parts), merged weights equal base + adapters, adapter files round-trip a
 model directory, the optimizer holds state only for trainable leaves."""
 
 import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -38,7 +37,7 @@ def setup():
       OptimizerConfig(total_steps=50, connector=sched, vit=sched, llm=sched,
                       trainable_patterns=LORA.trainable_patterns()),
       ts.abstract_params(model, spec))
-  mesh = sharding.make_mesh(data=-1)
+  mesh = sharding.make_mesh(data=2, fsdp=2, devices=jax.devices()[:4])
   state = ts.init_train_state(model, optimizer, mesh, spec, jax.random.PRNGKey(0))
   state0 = jax.device_get(state)
   _, shardings = ts.abstract_train_state(model, optimizer, mesh, spec)
@@ -55,7 +54,7 @@ def setup():
 def forward(module, params, batch):
   inputs = {k: jnp.asarray(batch[k]) for k in ("input_ids", "images", "image_masks",
                                                 "image_input_idx")}
-  return np.asarray(module.apply({"params": params}, inputs)[0])
+  return np.asarray(jax.jit(lambda p, b: module.apply({"params": p}, b)[0])(params, inputs))
 
 
 def test_adapters_sit_in_the_targeted_layers_with_logical_axes(setup):
@@ -105,7 +104,7 @@ def test_optimizer_state_only_for_trainable_leaves(setup):
 
 def test_frozen_base_can_be_held_in_bfloat16(setup):
   spec = ts.spec_of(setup["batch"])
-  mesh = sharding.make_mesh(data=-1)
+  mesh = sharding.make_mesh(data=2, fsdp=2, devices=jax.devices()[:4])
   abstract, _ = ts.abstract_train_state(setup["model"], setup["optimizer"], mesh, spec, "bfloat16")
   dtypes = {k: v.dtype for k, v in flat(abstract.params).items()}
   assert dtypes["llm/blocks/mlp/up/kernel"] == jnp.bfloat16

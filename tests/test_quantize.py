@@ -3,7 +3,6 @@ originals, every targeted matmul weight quantized, logits close to float, greedy
 through the quantized Predictor."""
 
 import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -49,7 +48,7 @@ def test_dequantized_weights_within_half_a_step_of_the_originals(tiny, mode):
   assert not missing, sorted(leaves)
   assert not any(k.startswith("connector/") for k in leaves)
   flat = flax.traverse_util.flatten_dict(params, sep="/")
-  qmax = 127 if mode == "int8" else 7
+  bound = 127.5 if mode == "int8" else 7.5     # qwix: qmax + 0.5, values clipped to qmax
   for name, q in leaves.items():
     w = np.asarray(flat[name], np.float32)
     assert q.qvalue.dtype == (jnp.int8 if mode == "int8" else jnp.int4)
@@ -61,9 +60,10 @@ def test_dequantized_weights_within_half_a_step_of_the_originals(tiny, mode):
     assert scale.size > 1                           # per channel, not one scale per tensor
     deq = np.asarray(Q.dequantize_params({"w": qparams_leaf(qparams, name)})["w"], np.float32)
     err = np.abs(deq - w)
-    assert np.all(err <= scale / 2 * (1 + 1e-5) + 1e-12), (name, float(np.max(err / scale)))
+    # Half a quantization step, up to fp32 rounding of w / s (the issue: within one scale).
+    assert np.all(err <= scale * (0.5 + 1e-4)), (name, float(np.max(err / scale)))
     np.testing.assert_allclose(np.max(np.abs(w), axis=tuple(
-        i for i in range(w.ndim) if scale.shape[i] == 1), keepdims=True) / qmax, scale, rtol=1e-5)
+        i for i in range(w.ndim) if scale.shape[i] == 1), keepdims=True) / bound, scale, rtol=1e-5)
 
 
 def qparams_leaf(qparams, name):
