@@ -8,10 +8,13 @@ Two schemas:
   flat ("molmoe" remote code; MolmoE-1B): every native ModelConfig field, OLMo-style (d_model,
     n_heads, mlp_ratio, moe_*, a `vision_backbone` block, vit_layers, crop_mode, ...).
 
-Native-style keys (`vision_backbone`, `vit_layers`, `image_pooling_2d`, `max_crops`, ...) override
-the hard-coded values in either schema, so small test checkpoints load the same way. Pre-processing
-comes from preprocessor_config.json when present. Every key is mapped, checked against the values
-we implement (MUST_EQUAL), or a known training/prompting knob (IGNORED); anything else is an error.
+Native-style keys (`vision_backbone`, `vit_layers`, `image_pooling_2d`, `max_crops`,
+`fix_image_padding`, `pad_value`, `block_type`, `max_sequence_length`, ...) are read in either
+schema, so small test checkpoints and configs written by the native code load the same way; an
+LLM setting given under both schemas' names (`hidden_size` and `d_model`, ...) must agree.
+Pre-processing comes from preprocessor_config.json when present. Every key is mapped, checked
+against the values we implement (MUST_EQUAL), or a known training/prompting knob (IGNORED);
+anything else, and any value we do not implement, is an error naming the key.
 Export writes the release schema and adds native keys only where our config differs from the
 release defaults, so a released config.json round-trips unchanged.
 """
@@ -24,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from convert.release_tables import (DENSE_FIXED, DENSE_MAPPED, FLAT_MAPPED, FLAT_RELEASE, IGNORED,
-                                    MUST_EQUAL, NATIVE_MAPPED, PREPROCESSOR_IGNORED,
+                                    LLM_ALIASES, MOE_KEYS, MUST_EQUAL, NATIVE_MAPPED,
+                                    PREPROCESSOR_IGNORED,
                                     PREPROCESSOR_MAPPED, PREPROCESSOR_RELEASE_EXTRA,
                                     VISION_MAPPED, VISION_RELEASE_EXTRA)
 from molmo_jax.config import (PRESETS, ConnectorConfig, LLMConfig, MolmoConfig, PreprocessConfig,
@@ -139,10 +143,69 @@ def _dense_llm(hf: dict[str, Any], where: str) -> tuple[LLMConfig, int]:
       qk_norm=_need(hf, "attention_layer_norm", where, (bool,)),
       qkv_bias=_need(hf, "qkv_bias", where, (bool,)),
       rope_theta=float(_need(hf, "rope_theta", where, (int, float))),
-      rope_max_length=_need(hf, "max_position_embeddings", where), vocab_size=vocab,
+      rope_max_length=_rope_length(hf, where), vocab_size=vocab,
       embedding_size=_opt(hf, "embedding_size", vocab),
-      additional_vocab_size=_opt(hf, "additional_vocab_size", 128))
+      additional_vocab_size=_opt(hf, "additional_vocab_size", 128), **_dropouts(hf, where))
   return llm, fused // 2
+
+
+def _rope_length(hf: dict[str, Any], where: str) -> int:
+  """The RoPE table length: max_position_embeddings, else (as the native code) max_sequence_length.
+  max_sequence_length alone only bounds training sequences, so any positive value is accepted."""
+  if hf.get("max_sequence_length") is not None:
+    _need(hf, "max_sequence_length", where)
+    if hf["max_sequence_length"] < 1:
+      raise ValueError(f"{where}: max_sequence_length must be positive, got "
+                       f"{hf['max_sequence_length']!r}")
+  if hf.get("max_position_embeddings") is not None:
+    return _need(hf, "max_position_embeddings", where)
+  if hf.get("max_sequence_length") is not None:
+    return hf["max_sequence_length"]
+  raise ValueError(f"{where}: missing required key 'max_position_embeddings' (or the native "
+                   "max_sequence_length)")
+
+
+def _dropouts(hf: dict[str, Any], where: str) -> dict[str, float]:
+  out = {}
+  for key in ("residual_dropout", "response_residual_dropout"):
+    value = hf.get(key)
+    if value is None:
+      continue
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+      raise ValueError(f"{where}: {key} must be a number in [0, 1), got {value!r}")
+    out[key] = float(value)
+  return out
+
+
+def _check_block_type(hf: dict[str, Any], schema: str, where: str) -> str:
+  block_type = hf.get("block_type", "sequential")
+  allowed = ("sequential",) if schema == "dense" else ("sequential", "moe")
+  if block_type not in allowed:
+    hint = (" (MoE models use the MolmoE schema: d_model, moe_num_experts, ...)"
+            if block_type == "moe" else "")
+    raise ValueError(f"{where}: block_type={block_type!r} is not supported in the {schema} "
+                     f"schema; expected one of {list(allowed)}{hint}")
+  return block_type
+
+
+def _check_aliases(hf: dict[str, Any], schema: str, llm: LLMConfig, fused: int,
+                   where: str) -> None:
+  """The other schema's name of an LLM setting must give the value this schema's key gave."""
+  ours = {"hidden_size": llm.d_model, "num_hidden_layers": llm.num_layers,
+          "num_attention_heads": llm.num_heads, "num_key_value_heads": llm.num_kv_heads,
+          "intermediate_size": fused}
+  for dense_key, flat_key in LLM_ALIASES:
+    own, other = (dense_key, flat_key) if schema == "dense" else (flat_key, dense_key)
+    if hf.get(other) is None:   # native None: "derive it" (n_kv_heads = n_heads, ...)
+      continue
+    if hf[other] != ours[dense_key] or isinstance(hf[other], bool):
+      raise ValueError(f"{where}: {other}={hf[other]!r} disagrees with {own} (which gives "
+                       f"{ours[dense_key]!r}); give one value")
+  ratio = hf.get("mlp_ratio")
+  if schema == "dense" and ratio is not None and hf.get("mlp_hidden_size") is None \
+      and ratio * llm.d_model != fused:
+    raise ValueError(f"{where}: mlp_ratio={ratio!r} x hidden_size {llm.d_model} disagrees with "
+                     f"intermediate_size {fused}; give one value")
 
 
 def _flat_llm(hf: dict[str, Any], where: str) -> tuple[LLMConfig, int]:
@@ -150,10 +213,8 @@ def _flat_llm(hf: dict[str, Any], where: str) -> tuple[LLMConfig, int]:
   heads = _need(hf, "n_heads", where)
   hidden = hf.get("mlp_hidden_size") or _need(hf, "mlp_ratio", where) * d
   vocab = _need(hf, "vocab_size", where)
-  block_type = hf.get("block_type", "sequential")
-  if block_type not in ("sequential", "moe"):
-    raise ValueError(f"{where}: block_type {block_type!r} is not supported; expected sequential or moe")
-  rope_len = hf.get("max_position_embeddings") or _need(hf, "max_sequence_length", where)
+  block_type = _check_block_type(hf, "flat", where)
+  rope_len = _rope_length(hf, where)
   fields = dict(
       num_layers=_need(hf, "n_layers", where), d_model=d, num_heads=heads,
       num_kv_heads=_opt(hf, "n_kv_heads", heads), head_dim=_opt(hf, "head_dim", d // heads),
@@ -162,9 +223,7 @@ def _flat_llm(hf: dict[str, Any], where: str) -> tuple[LLMConfig, int]:
       qk_norm=bool(hf.get("attention_layer_norm", False)), qkv_bias=bool(hf.get("qkv_bias", False)),
       rope_theta=float(_need(hf, "rope_theta", where, (int, float))), rope_max_length=rope_len,
       vocab_size=vocab, embedding_size=_opt(hf, "embedding_size", vocab),
-      additional_vocab_size=_need(hf, "additional_vocab_size", where),
-      residual_dropout=float(hf.get("residual_dropout", 0.0)),
-      response_residual_dropout=float(hf.get("response_residual_dropout", 0.0)))
+      additional_vocab_size=_need(hf, "additional_vocab_size", where), **_dropouts(hf, where))
   if block_type == "moe":
     fields.update(num_experts=_need(hf, "moe_num_experts", where),
                   experts_per_token=_need(hf, "moe_top_k", where), expert_mlp_dim=hidden // 2,
@@ -183,6 +242,10 @@ def _preprocess(hf: dict[str, Any], pre: dict[str, Any] | None, vision: VisionCo
   for key in ("max_crops", "use_col_tokens", "always_start_with_space"):
     if key in hf:
       fields[key] = hf[key]
+  if hf.get("fix_image_padding") is not None:
+    fields["fix_image_padding"] = _need(hf, "fix_image_padding", where, (bool,))
+  if hf.get("pad_value") is not None:
+    fields["pad_value"] = float(_need(hf, "pad_value", where, (int, float)))
   if "overlap_margins" in hf:
     fields["overlap_margins"] = _pair(hf["overlap_margins"], "overlap_margins", where)
   if pre is not None:
@@ -216,8 +279,11 @@ def _preprocess(hf: dict[str, Any], pre: dict[str, Any] | None, vision: VisionCo
 def config_from_release(hf: dict[str, Any], preprocessor: dict[str, Any] | None = None,
                         name: str | None = None, where: str = "config.json") -> MolmoConfig:
   schema = schema_of(hf, where)
-  _check_keys(hf, (DENSE_MAPPED if schema == "dense" else FLAT_MAPPED) + NATIVE_MAPPED, where)
+  _check_keys(hf, DENSE_MAPPED + FLAT_MAPPED + NATIVE_MAPPED + MOE_KEYS, where)
+  if schema == "dense":
+    _check_block_type(hf, schema, where)
   llm, projector_hidden = (_dense_llm if schema == "dense" else _flat_llm)(hf, where)
+  _check_aliases(hf, schema, llm, 2 * projector_hidden, where)
   vision = _vision(hf.get("vision_backbone"), hf.get("vit_layers"), where)
   vision.resolved_layers()
   pooling = _POOLING.get(hf.get("image_pooling_2d", "attention-meanq"))
@@ -311,7 +377,9 @@ def vision_backbone_block(v: VisionConfig) -> dict[str, Any]:
 
 
 def _native_keys(cfg: MolmoConfig) -> dict[str, Any]:
-  """Native-style values of our config, for every key of NATIVE_MAPPED."""
+  """Native-style values of our config that export writes where they differ from a release's
+  (pad_value / fix_image_padding / the resize cannot be expressed for the remote code: see
+  `_exportable`; block_type and max_sequence_length follow from the schema)."""
   v, c, p, m = cfg.vision, cfg.connector, cfg.preprocess, cfg.llm
   return {"vision_backbone": vision_backbone_block(v), "vit_layers": list(v.selected_layers),
           "image_pooling_2d": "attention-meanq" if c.pooling == "attention_meanq" else "none",
@@ -319,7 +387,9 @@ def _native_keys(cfg: MolmoConfig) -> dict[str, Any]:
           "image_padding_embed": None if c.padding_embed == "none" else c.padding_embed,
           "max_crops": p.max_crops, "overlap_margins": list(p.overlap_margins),
           "use_col_tokens": p.use_col_tokens, "always_start_with_space": p.always_start_with_space,
-          "additional_vocab_size": m.additional_vocab_size, "head_dim": m.head_dim}
+          "additional_vocab_size": m.additional_vocab_size, "head_dim": m.head_dim,
+          "residual_dropout": m.residual_dropout,
+          "response_residual_dropout": m.response_residual_dropout}
 
 
 def release_config_json(cfg: MolmoConfig, torch_dtype: str) -> dict[str, Any]:
@@ -329,8 +399,9 @@ def release_config_json(cfg: MolmoConfig, torch_dtype: str) -> dict[str, Any]:
   ours = _native_keys(cfg)
   if m.is_moe:
     return dict(sorted(_flat_keys(cfg, ours, torch_dtype).items()))
-  release = _native_keys(MolmoConfig(llm=dataclasses.replace(m, additional_vocab_size=128,
-                                                             head_dim=m.d_model // m.num_heads)))
+  release = _native_keys(MolmoConfig(llm=dataclasses.replace(
+      m, additional_vocab_size=128, head_dim=m.d_model // m.num_heads, residual_dropout=0.0,
+      response_residual_dropout=0.0)))
   out = {**DENSE_FIXED, "attention_layer_norm": m.qk_norm, "embedding_size": m.embedding_size,
          "hidden_size": m.d_model, "intermediate_size": 2 * m.mlp_dim,
          "layer_norm_eps": m.norm_eps, "max_position_embeddings": m.rope_max_length,

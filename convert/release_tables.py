@@ -276,7 +276,9 @@ DENSE_MAPPED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_at
 # config they override the hard-coded release values, so small test checkpoints load too.
 NATIVE_MAPPED = ("vision_backbone", "vit_layers", "image_pooling_2d", "image_pooling_h",
                  "image_pooling_w", "image_padding_embed", "max_crops", "overlap_margins",
-                 "use_col_tokens", "always_start_with_space", "additional_vocab_size", "head_dim")
+                 "use_col_tokens", "always_start_with_space", "additional_vocab_size", "head_dim",
+                 "fix_image_padding", "pad_value", "max_sequence_length", "block_type",
+                 "residual_dropout", "response_residual_dropout")
 
 FLAT_MAPPED = ("d_model", "n_heads", "n_kv_heads", "n_layers", "mlp_ratio", "mlp_hidden_size",
                "block_type", "qkv_bias", "attention_layer_norm", "norm_after", "layer_norm_eps",
@@ -284,6 +286,16 @@ FLAT_MAPPED = ("d_model", "n_heads", "n_kv_heads", "n_layers", "mlp_ratio", "mlp
                "embedding_size", "moe_num_experts", "moe_top_k", "moe_dropless",
                "moe_capacity_factor", "moe_loss_weight", "moe_zloss_weight", "residual_dropout",
                "response_residual_dropout")
+
+# The same LLM setting under its dense (HF) and its flat (native) name. Either schema may carry the
+# other schema's name too; it is accepted when it agrees with the value the schema's own key gives.
+LLM_ALIASES = (("hidden_size", "d_model"), ("num_hidden_layers", "n_layers"),
+               ("num_attention_heads", "n_heads"), ("num_key_value_heads", "n_kv_heads"),
+               ("intermediate_size", "mlp_hidden_size"))
+# Native MoE settings: they change nothing in a network of sequential (dense) blocks, where the
+# native code does not read them, so a dense config may carry them with any value.
+MOE_KEYS = ("moe_num_experts", "moe_top_k", "moe_dropless", "moe_capacity_factor",
+            "moe_loss_weight", "moe_zloss_weight")
 
 # Keys whose value must be one of these (anything else changes the network in a way we do not
 # implement). Checked wherever the key appears.
@@ -294,7 +306,8 @@ MUST_EQUAL: dict[str, tuple] = {
     "final_logit_softcapping": (None,), "image_projector": ("mlp",), "include_bias": (False,),
     "layer_norm_type": ("rms",), "layer_norm_with_affine": (True,), "moe_interleave": (False,),
     "moe_shared_expert": (False,), "multi_query_attention": (None, False),
-    "normalize_input_embeds": (False,), "pad_to": (None,), "rope": (True,), "rope_impl": ("llama",),
+    "normalize_input_embeds": (False,), "pad_to": (None,), "remove_black_pads": (False,),
+    "rope": (True,), "rope_impl": ("llama",),
     "scale_logits": (False,), "unconditioned": (False,), "use_cls_feature": (False,),
     "use_position_ids": (True,), "weight_tying": (False,), "tie_word_embeddings": (False,),
 }
@@ -308,6 +321,7 @@ IGNORED = frozenset({
     "image_feature_dropout", "init_cutoff_factor", "init_device", "init_fn", "init_std",
     "initializer_range", "llm_load_path", "loss_token_weighting", "low_cpu_fsdp",
     "message_formatting", "moe_lbl_in_fp32", "moe_log_expert_assignment", "moe_mlp_impl",
+    "multi_annotation_weighting", "tokenizer",
     "new_embedding_init_range", "pad_token_id", "pad_tokenizer", "precision", "prompt_override",
     "prompt_type", "query_pre_attn_scalar", "response_attention_dropout", "rope_full_precision",
     "system_prompt_kind", "torch_dtype", "transformers_version", "use_cache", "vit_load_path",

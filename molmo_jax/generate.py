@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -64,11 +64,27 @@ def filter_logits(logits: Array, top_k: int, top_p: float) -> Array:
 
 
 def choose_tokens(logits: Array, rng: Array, sampling: SamplingConfig) -> Array:
-  """logits [B, V] float32 -> next tokens [B] int32."""
+  """logits [B, V] float32 -> next tokens [B] int32.
+
+  `rng` is one key for the whole batch, or one key per row ([B, 2]) so that a row's draws do not
+  depend on which other rows share its batch (the server's per-request seeds).
+  """
   if sampling.temperature <= 0:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
   logits = filter_logits(logits / sampling.temperature, sampling.top_k, sampling.top_p)
+  if rng.ndim == 2:
+    return jax.vmap(jax.random.categorical)(rng, logits).astype(jnp.int32)
   return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+class DecodeState(NamedTuple):
+  """What one decoding step needs: the KV cache, which cache slots hold tokens, the logits that
+  choose the next token and that token's position."""
+
+  cache: dict             # key/value [L, B, S, K, h]
+  key_valid: Array        # [B, S] bool
+  next_logits: Array      # [B, V] float32
+  next_position: Array    # [B] int32
 
 
 # KV cache [L, B, S, K, h]: batch and kv heads split like the attention's keys (a no-op without
@@ -80,54 +96,17 @@ def _constrain_cache(cache: dict) -> dict:
   return {k: constrain(v, CACHE_AXES) for k, v in cache.items()}
 
 
-def _prefill(model: Molmo, params: Any, prefill: Mapping[str, Array], cache: dict, mask: Array,
-             last: Array, rows_per_pass: int) -> tuple[Array, dict]:
-  """Runs the prompt through the model, filling `cache`; -> (logits at `last` [B, V], cache).
+def prefill(params: Any, batch: Mapping[str, Array], *, model: Molmo, steps: int,
+            rows_per_pass: int = 0) -> DecodeState:
+  """Runs the prompt (and the vision tower) once into a cache with room for `steps` new tokens.
 
-  rows_per_pass: prefill this many rows at a time (0 = all at once). The attention scores of a
-  pass are [rows, H, T, T]; for long prompts and big batches, a few rows per pass keeps them
-  (and the MLP activations) small while the cache still fills for the whole batch.
+  Only the last prompt position's logits are computed (the LM head alone on [B, 1, D]); the
+  prompt's [B, T, V] logits never exist. rows_per_pass: prefill this many rows at a time
+  (0 = all): a pass's attention scores are [rows, H, T, T], so a few rows per pass keep long,
+  big batches small while the cache still fills for the whole batch.
   """
-  b = prefill["input_ids"].shape[0]
-  if not rows_per_pass or rows_per_pass >= b:
-    _, out = model.apply({"params": params}, prefill, cache=cache, cache_index=jnp.int32(0),
-                         attention_mask=mask)
-    hidden = out["hidden"][jnp.arange(b), last]
-    # Only the last prompt position's logits are needed: the prompt's [B, T, V] logits are never
-    # computed (the unused ones are dead code), which matters for big vocabularies.
-    logits = model.apply({"params": params}, hidden[:, None], method="lm_logits")[:, 0]
-    return logits, _constrain_cache(out["cache"])
-  if b % rows_per_pass:
-    raise ValueError(f"prefill_rows_per_pass {rows_per_pass} must divide the batch size {b}")
-  r = rows_per_pass
-  take = lambda x, start: jax.lax.dynamic_slice_in_dim(x, start, r, axis=0)
-
-  def one_pass(g, carry):
-    cache, hidden = carry
-    start = g * r
-    piece = {k: take(v, start) for k, v in prefill.items()}
-    small = _constrain_cache({k: jnp.zeros((v.shape[0], r) + v.shape[2:], v.dtype)
-                              for k, v in cache.items()})
-    _, out = model.apply({"params": params}, piece, cache=small, cache_index=jnp.int32(0),
-                         attention_mask=take(mask, start))
-    cache = _constrain_cache({k: jax.lax.dynamic_update_slice_in_dim(cache[k], out["cache"][k],
-                                                                    start, axis=1) for k in cache})
-    h = out["hidden"][jnp.arange(r), take(last, start)]
-    return cache, jax.lax.dynamic_update_slice_in_dim(hidden, h, start, axis=0)
-
-  d = model.config.llm.d_model
-  hidden0 = jnp.zeros((b, d), jnp.dtype(model.config.dtype))
-  cache, hidden = jax.lax.fori_loop(0, b // r, one_pass, (cache, hidden0))
-  logits = model.apply({"params": params}, hidden[:, None], method="lm_logits")[:, 0]
-  return logits, cache
-
-
-def _generate(params: Any, batch: Mapping[str, Array], rng: Array, *, model: Molmo,
-              sampling: SamplingConfig, prefill_rows_per_pass: int = 0
-              ) -> tuple[Array, Array, Array]:
   input_ids = batch["input_ids"]
   b, t = input_ids.shape
-  steps = sampling.max_new_tokens
   s = t + steps
   cfg = model.config
   cache = _constrain_cache(init_cache(cfg.llm, b, s, jnp.dtype(cfg.dtype)))
@@ -139,43 +118,89 @@ def _generate(params: Any, batch: Mapping[str, Array], rng: Array, *, model: Mol
   if positions is None:
     positions = default_positions(input_ids)
   mask = key_valid[:, None, :] & (slots[None, None, :] <= jnp.arange(t)[None, :, None])
-  prefill = dict(batch, position_ids=positions)
   last = jnp.maximum(jnp.sum(valid, axis=1) - 1, 0)                                  # [B]
   rows = jnp.arange(b)
-  next_logits, prefilled_cache = _prefill(model, params, prefill, cache, mask, last,
-                                          prefill_rows_per_pass)
-  next_position = positions[rows, last] + 1
+  inputs = dict(batch, position_ids=positions)
+  if not rows_per_pass or rows_per_pass >= b:
+    _, out = model.apply({"params": params}, inputs, cache=cache, cache_index=jnp.int32(0),
+                         attention_mask=mask)
+    cache, hidden = _constrain_cache(out["cache"]), out["hidden"][rows, last]
+  else:
+    cache, hidden = _prefill_in_passes(params, inputs, cache, mask, last, model, rows_per_pass)
+  logits = model.apply({"params": params}, hidden[:, None], method="lm_logits")[:, 0]
+  return DecodeState(cache, key_valid, logits.astype(jnp.float32), positions[rows, last] + 1)
 
+
+def _prefill_in_passes(params: Any, inputs: Mapping[str, Array], cache: dict, mask: Array,
+                       last: Array, model: Molmo, r: int) -> tuple[dict, Array]:
+  """prefill's row passes -> (cache [L, B, S, K, h], last prompt positions' hidden [B, D])."""
+  b = inputs["input_ids"].shape[0]
+  if b % r:
+    raise ValueError(f"prefill rows_per_pass {r} must divide the batch size {b}")
+  take = lambda x, start: jax.lax.dynamic_slice_in_dim(x, start, r, axis=0)
+
+  def one_pass(g, carry):
+    cache, hidden = carry
+    start = g * r
+    piece = {k: take(v, start) for k, v in inputs.items()}
+    small = _constrain_cache({k: jnp.zeros((v.shape[0], r) + v.shape[2:], v.dtype)
+                              for k, v in cache.items()})
+    _, out = model.apply({"params": params}, piece, cache=small, cache_index=jnp.int32(0),
+                         attention_mask=take(mask, start))
+    cache = _constrain_cache({k: jax.lax.dynamic_update_slice_in_dim(cache[k], out["cache"][k],
+                                                                    start, axis=1) for k in cache})
+    h = out["hidden"][jnp.arange(r), take(last, start)]
+    return cache, jax.lax.dynamic_update_slice_in_dim(hidden, h, start, axis=0)
+
+  hidden0 = jnp.zeros((b, model.config.llm.d_model), jnp.dtype(model.config.dtype))
+  return jax.lax.fori_loop(0, b // r, one_pass, (cache, hidden0))
+
+
+def decode_step(params: Any, state: DecodeState, slot: Array, done: Array, rng: Array, *,
+                model: Molmo, sampling: SamplingConfig) -> tuple[DecodeState, Array]:
+  """Chooses each row's next token [B] (pad_id where `done`) and runs it into cache slot `slot`
+  (= prompt length T + step index), giving the logits for the token after it."""
+  token = choose_tokens(state.next_logits, rng, sampling)
+  token = jnp.where(done, sampling.pad_id, token)
+  key_valid = state.key_valid.at[:, slot].set(True)
+  slots = jnp.arange(key_valid.shape[1], dtype=jnp.int32)
+  mask = key_valid[:, None, :] & (slots[None, None, :] <= slot)
+  step_batch = {"input_ids": jnp.where(token < 0, 0, token)[:, None],
+                "position_ids": state.next_position[:, None]}
+  step_logits, out = model.apply({"params": params}, step_batch, cache=state.cache,
+                                 cache_index=slot, attention_mask=mask)
+  new_state = DecodeState(_constrain_cache(out["cache"]), key_valid,
+                          step_logits[:, 0].astype(jnp.float32),
+                          state.next_position + 1)
+  return new_state, token
+
+
+def _generate(params: Any, batch: Mapping[str, Array], rng: Array, *, model: Molmo,
+              sampling: SamplingConfig, prefill_rows_per_pass: int = 0
+              ) -> tuple[Array, Array, Array]:
+  b, t = batch["input_ids"].shape
+  steps = sampling.max_new_tokens
+  state = prefill(params, batch, model=model, steps=steps, rows_per_pass=prefill_rows_per_pass)
   eos = -1 if sampling.eos_id is None else sampling.eos_id
   tokens = jnp.full((b, steps), sampling.pad_id, jnp.int32)
   done = jnp.zeros((b,), bool)
   lengths = jnp.zeros((b,), jnp.int32)
 
-  def cond(state):
-    i, *_, done, _ = state
+  def cond(loop):
+    i, *_, done, _ = loop
     return (i < steps) & ~jnp.all(done)
 
-  def body(state):
-    i, cache, key_valid, next_logits, next_position, tokens, lengths, done, rng = state
+  def body(loop):
+    i, state, tokens, lengths, done, rng = loop
     rng, step_rng = jax.random.split(rng)
-    token = choose_tokens(next_logits, step_rng, sampling)
-    token = jnp.where(done, sampling.pad_id, token)
+    state, token = decode_step(params, state, t + i, done, step_rng, model=model, sampling=sampling)
     tokens = tokens.at[:, i].set(token)
     lengths = lengths + (~done).astype(jnp.int32)
     done = done | (token == eos)
-    slot = t + i
-    key_valid = key_valid.at[:, slot].set(True)
-    mask = key_valid[:, None, :] & (slots[None, None, :] <= slot)
-    step_batch = {"input_ids": jnp.where(token < 0, 0, token)[:, None],
-                  "position_ids": next_position[:, None]}
-    step_logits, out = model.apply({"params": params}, step_batch, cache=cache, cache_index=slot,
-                                   attention_mask=mask)
-    return (i + 1, _constrain_cache(out["cache"]), key_valid, step_logits[:, 0], next_position + 1,
-            tokens, lengths, done, rng)
+    return i + 1, state, tokens, lengths, done, rng
 
-  state = (jnp.int32(0), prefilled_cache, key_valid, next_logits, next_position, tokens, lengths, done, rng)
-  state = jax.lax.while_loop(cond, body, state)
-  _, _, _, _, _, tokens, lengths, done, _ = state
+  _, _, tokens, lengths, done, _ = jax.lax.while_loop(
+      cond, body, (jnp.int32(0), state, tokens, lengths, done, rng))
   return tokens, lengths, done
 
 

@@ -127,14 +127,21 @@ def _quantize_with_lead(value: jax.Array, target: Any, lead: int) -> Any:
   return target.replace(array=q)
 
 
-def dequantize_params(qparams: Any) -> Any:
-  """Quantized tree -> float tree (the weights the quantized model effectively computes with)."""
+def dequantize_params(qparams: Any, like: Any = None) -> Any:
+  """Quantized tree -> float tree (the weights the quantized model effectively computes with).
+
+  qwix stores a weight in the shape its matmul uses (a dense kernel [*I, *O] as
+  [prod I, prod O]); `like` (the float tree or its ShapeDtypeStructs) restores the model's shapes.
+  """
   import qwix
 
   def convert(x):
     return qwix.dequantize(x.array) if _is_with_aux(x) else x
 
-  return jax.tree.map(convert, qparams, is_leaf=_is_with_aux)
+  out = jax.tree.map(convert, qparams, is_leaf=_is_with_aux)
+  if like is not None:
+    out = jax.tree.map(lambda x, ref: x.reshape(ref.shape), out, like)
+  return out
 
 
 def quantized_leaves(qparams: Any) -> dict[str, Any]:

@@ -407,6 +407,79 @@ def test_other_presets_export_and_parse_back():
     assert release_config.config_from_release(hf) == cfg
 
 
+# Native keys a dense-schema config.json may carry, with values we implement (seen in configs
+# written by the native code).
+NATIVE_EXTRAS = {"block_type": "sequential", "max_sequence_length": 4096,
+                 "fix_image_padding": False, "pad_value": 0.0, "remove_black_pads": False,
+                 "n_layers": 28, "n_heads": 28, "n_kv_heads": 4, "mlp_ratio": 4,
+                 "mlp_hidden_size": 37888, "moe_num_experts": 8, "moe_top_k": 2,
+                 "residual_dropout": 0.0, "multi_annotation_weighting": "root_subsegments",
+                 "tokenizer": {"identifier": "Qwen/Qwen2-7B", "tokenizer_dir": None}}
+
+
+def test_dense_config_accepts_native_keys_with_implemented_values():
+  want = release_config.config_from_release(MOLMO_7B_D_CONFIG)
+  assert release_config.config_from_release({**MOLMO_7B_D_CONFIG, **NATIVE_EXTRAS}) == want
+  changed = release_config.config_from_release(
+      {**MOLMO_7B_D_CONFIG, "fix_image_padding": True, "pad_value": 0.5,
+       "residual_dropout": 0.1})
+  assert changed.preprocess.fix_image_padding and changed.preprocess.pad_value == 0.5
+  assert changed.llm.residual_dropout == 0.1
+  assert changed.replace(preprocess=want.preprocess, llm=want.llm) == want.replace(name=changed.name)
+  # Without max_position_embeddings the native max_sequence_length is the RoPE length.
+  rope = {k: v for k, v in MOLMO_7B_D_CONFIG.items() if k != "max_position_embeddings"}
+  assert release_config.config_from_release(
+      {**rope, "max_sequence_length": 2048}).llm.rope_max_length == 2048
+  # A dropout written back by export reads back.
+  again = release_config.release_config_json(want.replace(llm=changed.llm), torch_dtype="float32")
+  assert again["residual_dropout"] == 0.1
+  assert release_config.config_from_release(again).llm.residual_dropout == 0.1
+
+
+def test_flat_config_accepts_the_dense_names_when_they_agree():
+  hf = {**MOLMOE_RELEASE_CONFIG, "hidden_size": 2048, "num_hidden_layers": 16,
+        "num_attention_heads": 16, "num_key_value_heads": 16, "intermediate_size": 2048,
+        "fix_image_padding": False, "pad_value": 0}
+  assert release_config.config_from_release(hf) == release_config.config_from_release(
+      MOLMOE_RELEASE_CONFIG)
+
+
+@pytest.mark.parametrize("schema, key, value, message", [
+    ("dense", "block_type", "llama", "block_type='llama' is not supported"),
+    ("dense", "block_type", "moe", "block_type='moe' .* MolmoE schema"),
+    ("flat", "block_type", "llama", "block_type='llama' is not supported"),
+    ("dense", "max_sequence_length", 0, "max_sequence_length must be positive"),
+    ("dense", "max_sequence_length", "long", "max_sequence_length must be int"),
+    ("dense", "fix_image_padding", "yes", "fix_image_padding must be bool"),
+    ("flat", "fix_image_padding", 1, "fix_image_padding must be bool"),
+    ("dense", "pad_value", "black", "pad_value must be int/float"),
+    ("dense", "pad_value", True, "pad_value must be int/float"),
+    ("dense", "remove_black_pads", True, "remove_black_pads=True is not supported"),
+    ("dense", "n_layers", 27, "n_layers=27 disagrees with num_hidden_layers"),
+    ("dense", "n_kv_heads", 28, "n_kv_heads=28 disagrees with num_key_value_heads"),
+    ("dense", "mlp_hidden_size", 100, "mlp_hidden_size=100 disagrees with intermediate_size"),
+    ("dense", "mlp_ratio", 3, "mlp_ratio=3 .* disagrees with intermediate_size"),
+    ("flat", "hidden_size", 1024, "hidden_size=1024 disagrees with d_model"),
+    ("dense", "residual_dropout", 1.5, "residual_dropout must be a number in"),
+    ("dense", "pad_to", 64, "pad_to=64 is not supported"),
+])
+def test_unimplemented_native_values_are_refused_with_the_key(schema, key, value, message):
+  hf = MOLMO_7B_D_CONFIG if schema == "dense" else MOLMOE_RELEASE_CONFIG
+  with pytest.raises(ValueError, match=message):
+    release_config.config_from_release({**hf, key: value})
+
+
+def test_a_dense_release_dir_with_native_keys_converts(tmp_path):
+  hf = _fresh_release(tmp_path)
+  cfg_json = json.loads((hf / "config.json").read_text())
+  extras = {"block_type": "sequential", "fix_image_padding": False, "pad_value": 0.0,
+            "max_sequence_length": cfg_json["max_position_embeddings"]}
+  (hf / "config.json").write_text(json.dumps({**cfg_json, **extras}))
+  out = convert_hf_to_orbax(hf, tmp_path / "out")
+  assert C.MolmoConfig.from_json((out / "config.json").read_text()) == \
+      release_config.config_from_release_dir(hf)
+
+
 # ----------------------------------------------------------------------------------------------
 # Errors: nothing that looks like a checkpoint is left behind
 # ----------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from molmo_jax.config import LLMConfig
 from molmo_jax.models.layers import (DecoderAttention, RMSNorm, SwiGLU, cast_param, constrain,
-                                     embedding_init, kernel_init,
+                                     embedding_init, flat_dot, kernel_init, scan_unroll_steps,
                                      logical, maybe_remat)
 from molmo_jax.models.moe import MoEBlock
 
@@ -104,6 +104,7 @@ class Decoder(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   remat_policy: str = "none"
+  scan_unroll: int = 1             # layers per scan iteration (see MolmoConfig.scan_unroll)
 
   def setup(self):
     cfg = self.config
@@ -111,7 +112,8 @@ class Decoder(nn.Module):
     block = maybe_remat(DecoderBlock, self.remat_policy)
     scanned = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                       in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
-                      length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+                      length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"},
+                      unroll=scan_unroll_steps(self.scan_unroll, cfg.num_layers))
     self.blocks = scanned(cfg, self.dtype, self.param_dtype)
     self.final_norm = RMSNorm(cfg.norm_eps, self.dtype, self.param_dtype, axis_name="norm")
     self.lm_head = self.param("lm_head", logical(kernel_init(), ("embed", "vocab")),
@@ -139,8 +141,7 @@ class Decoder(nn.Module):
 
   def lm_logits(self, hidden: Array) -> Array:
     """hidden [B, T, D] (after final_norm) -> logits [B, T, V_emb] float32."""
-    logits = jnp.einsum("btd,dv->btv", hidden, cast_param(self.lm_head, self.dtype),
-                        preferred_element_type=jnp.float32)
+    logits = flat_dot(hidden, cast_param(self.lm_head, self.dtype), preferred_element_type=jnp.float32)
     return constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
 
 

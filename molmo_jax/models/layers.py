@@ -11,6 +11,7 @@ compute dtype; the result is cast back to the compute dtype.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -65,6 +66,31 @@ def cast_param(kernel: Any, dtype: Dtype) -> Any:
   return jnp.asarray(kernel, dtype)
 
 
+def flat_dot(x: Array, kernel: Array, contract: int = 1, preferred_element_type=None,
+             out_shape: tuple[int, ...] | None = None) -> Array:
+  """x [*batch, *in] . kernel [*in, *out] -> [*batch, *out], computed as one 2-D matmul.
+
+  The same sum as a dot_general over `contract` axes, but [prod(batch), prod(in)] @
+  [prod(in), prod(out)] (the reshapes are free row-major views). With 3-D activations XLA:CPU
+  computes the kernel gradient by contracting two axes and materialises transposed copies of
+  the output gradient around a slower matmul path; the 2-D form is a plain GEMM in both passes.
+
+  out_shape: the kernel's output dims when its own shape does not say them: a qwix-quantized
+  kernel (molmo_jax/quantize.py) is stored in the 2-D compute shape [prod(in), prod(out)].
+  """
+  in_shape = x.shape[x.ndim - contract:]
+  if out_shape is None:
+    if kernel.shape[:contract] != in_shape:
+      raise ValueError(f"flat_dot: input trailing shape {in_shape} does not match the kernel's "
+                       f"input shape {kernel.shape[:contract]}")
+    out_shape = tuple(kernel.shape[contract:])
+  batch_shape = x.shape[:x.ndim - contract]
+  n_in, n_out = math.prod(in_shape), math.prod(out_shape)
+  y = jnp.dot(x.reshape(-1, n_in), kernel.reshape(n_in, n_out),
+              preferred_element_type=preferred_element_type)
+  return y.reshape(batch_shape + out_shape)
+
+
 class DenseGeneral(nn.Module):
   """y = x . kernel (+ bias), contracting the last `len(in_shape)` axes of x.
 
@@ -88,8 +114,8 @@ class DenseGeneral(nn.Module):
     out_axes = tuple(range(self.contract, self.contract + len(features)))
     kernel = self.param("kernel", logical(kernel_init(in_axes, out_axes), self.axes),
                         in_shape + features, self.param_dtype)
-    dims = (tuple(range(x.ndim - self.contract, x.ndim)), tuple(range(self.contract)))
-    y = jax.lax.dot_general(x.astype(self.dtype), cast_param(kernel, self.dtype), (dims, ((), ())))
+    y = flat_dot(x.astype(self.dtype), cast_param(kernel, self.dtype), self.contract,
+                 out_shape=features)
     if self.use_bias:
       bias = self.param("bias", logical(nn.initializers.zeros, self.axes[self.contract:]), features,
                         self.param_dtype)
@@ -312,3 +338,10 @@ def maybe_remat(module_cls, policy: str, static_argnums: tuple[int, ...] = ()):
     raise ValueError(f"remat_policy {policy!r} unknown; expected none or one of {sorted(REMAT_POLICIES)}")
   return nn.remat(module_cls, policy=REMAT_POLICIES[policy], prevent_cse=False,
                   static_argnums=static_argnums)
+
+
+def scan_unroll_steps(unroll: int, num_layers: int) -> int:
+  """`MolmoConfig.scan_unroll` as lax.scan's `unroll`: 1..num_layers (values above are clipped)."""
+  if not isinstance(unroll, int) or isinstance(unroll, bool) or unroll < 1:
+    raise ValueError(f"scan_unroll: expected an integer >= 1 (layers per scan iteration), got {unroll!r}")
+  return min(unroll, max(num_layers, 1))

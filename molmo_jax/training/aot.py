@@ -200,7 +200,25 @@ def sharding_by_logical_axis(report: CompileReport) -> dict[str, list[str]]:
 # Generation (serving) step
 # ------------------------------------------------------------------------------------------
 
-def _quantized_shardings(abstract: Any, float_shardings: Any, mesh) -> Any:
+def _merged_spec(float_shape: tuple[int, ...], spec: tuple, shape: tuple[int, ...]) -> tuple:
+  """PartitionSpec of a row-major merge of `float_shape` into `shape` (qwix keeps a kernel in its
+  2-D compute shape): each merged dim takes the first mesh axis of the dims it merges (splitting
+  the outer dim in blocks is the same layout as splitting the merged one)."""
+  out, i = [], 0
+  for size in shape:
+    group, prod = [], 1
+    while i < len(float_shape) and (prod < size or (size == 1 and not group)):
+      group.append(i)
+      prod *= float_shape[i]
+      i += 1
+    if prod != size:
+      raise ValueError(f"cannot map shape {float_shape} onto {shape}")
+    axes = [spec[g] for g in group if spec[g] is not None]
+    out.append(axes[0] if axes else None)
+  return tuple(out)
+
+
+def _quantized_shardings(abstract: Any, float_shardings: Any, mesh, float_abstract: Any) -> Any:
   """Shardings of a (possibly qwix-quantized) parameter tree from the float tree's shardings.
 
   A quantized weight's values share the float kernel's sharding; its per-channel scale keeps the
@@ -210,6 +228,7 @@ def _quantized_shardings(abstract: Any, float_shardings: Any, mesh) -> Any:
   from jax.sharding import NamedSharding, PartitionSpec
   from molmo_jax import quantize as quantize_lib
   flat_sh = flax.traverse_util.flatten_dict(float_shardings)
+  flat_float = flax.traverse_util.flatten_dict(float_abstract)
   flat = flax.traverse_util.flatten_dict(abstract, is_leaf=lambda _, x: quantize_lib._is_with_aux(x))
   out = {}
   for path, leaf in flat.items():
@@ -217,11 +236,13 @@ def _quantized_shardings(abstract: Any, float_shardings: Any, mesh) -> Any:
     if not quantize_lib._is_with_aux(leaf):
       out[path] = sharding
       continue
-    spec = tuple(sharding.spec) + (None,) * (len(leaf.shape) - len(sharding.spec))
+    float_shape = flat_float[path].shape
+    spec = tuple(sharding.spec) + (None,) * (len(float_shape) - len(sharding.spec))
+    merged = _merged_spec(float_shape, spec, tuple(leaf.shape))
 
-    def for_array(x, spec=spec):
+    def for_array(x, merged=merged):
       kept = tuple(s if dim != 1 or full == 1 else None
-                   for s, dim, full in zip(spec, x.shape, leaf.shape))
+                   for s, dim, full in zip(merged, x.shape, leaf.shape))
       return NamedSharding(mesh, PartitionSpec(*kept))
 
     out[path] = jax.tree.map(for_array, leaf)
@@ -256,7 +277,7 @@ def compile_generation_step(model_cfg: Any, topology: str, batch_size: int, prom
   float_sh = sharding_lib.param_shardings(boxed, mesh)
   if qcfg.enabled:
     abstract = quantize_lib.abstract_quantized_params(model)
-    shardings = _quantized_shardings(abstract, float_sh, mesh)
+    shardings = _quantized_shardings(abstract, float_sh, mesh, nn.unbox(boxed))
   else:
     abstract, shardings = nn.unbox(boxed), float_sh
   params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),

@@ -104,7 +104,8 @@ def initialize_distributed(dist: Mapping[str, Any]) -> None:
 
 def build_model_config(model: Mapping[str, Any], init_from: str = "") -> MolmoConfig:
   """MolmoConfig from `config.model`: a preset or tiny-<family> name, else init_from's config.json,
-  then the overrides in model.{dtype, param_dtype, remat_policy} and model.{llm, vision, ...}."""
+  then the overrides in model.{dtype, param_dtype, remat_policy, scan_unroll} and
+  model.{llm, vision, ...}."""
   name = model.get("name") or ""
   if name.startswith("tiny-"):
     cfg = model_config_lib.tiny(name[len("tiny-"):])
@@ -118,7 +119,7 @@ def build_model_config(model: Mapping[str, Any], init_from: str = "") -> MolmoCo
   else:
     raise ValueError("config.model.name: give a preset (e.g. molmo-7b-d), tiny-<family>, or set "
                      "init_from to a converted model directory")
-  top = {k: model[k] for k in ("dtype", "param_dtype", "remat_policy") if model.get(k)}
+  top = {k: model[k] for k in ("dtype", "param_dtype", "remat_policy", "scan_unroll") if model.get(k)}
   for section in _MODEL_SECTIONS:
     overrides = dict(model.get(section) or {})
     if not overrides:
