@@ -65,13 +65,37 @@ class QuantizeConfig:
     return rules
 
 
-def quantized_model(model: nn.Module, cfg: QuantizeConfig) -> nn.Module:
-  """A copy of `model` whose matched matmuls run on quantized weights (qwix PTQ)."""
+@dataclasses.dataclass(frozen=True)
+class QuantizedModel:
+  """A qwix-quantized Molmo: `.init` / `.apply` / `.config` like the module (generation and the
+  Predictor take it wherever they take a Molmo). Its dense layers contract their kernels in the
+  kernels' own shapes (models.layers.native_dots), the form qwix quantizes."""
+
+  module: nn.Module
+
+  @property
+  def config(self):
+    return self.module.config
+
+  def init(self, *args, **kwargs):
+    from molmo_jax.models.layers import native_dots
+    with native_dots():
+      return self.module.init(*args, **kwargs)
+
+  def apply(self, *args, **kwargs):
+    from molmo_jax.models.layers import native_dots
+    with native_dots():
+      return self.module.apply(*args, **kwargs)
+
+
+def quantized_model(model: nn.Module, cfg: QuantizeConfig) -> Any:
+  """`model` whose matched matmuls run on quantized weights (qwix PTQ); `model` itself when
+  cfg.mode is none."""
   import qwix
   if not cfg.enabled:
     return model
-  return qwix.quantize_model(model, qwix.PtqProvider(cfg.rules()),
-                             methods=("__call__", "lm_logits"))
+  return QuantizedModel(qwix.quantize_model(model, qwix.PtqProvider(cfg.rules()),
+                                            methods=("__call__", "lm_logits")))
 
 
 def _example_inputs(config: Any) -> dict[str, jax.ShapeDtypeStruct]:
