@@ -12,7 +12,7 @@
 --debug               print the traceback of an error (also MOLMO_JAX_DEBUG=1)
 
 SIGTERM / SIGINT are honoured from the moment the command starts: the run stops after the current
-step with a checkpoint (or, before the first step, without touching the workdir). One run per
+step with a checkpoint (or, before the first step, without running a step or saving). One run per
 workdir at a time (a lock file); a resume with another model or data config is refused.
 """
 

@@ -431,7 +431,7 @@ def _run_steps(config, state, step_fn, data_iter: Iterator, mesh, ckpt: TrainChe
 
   throughput.start()
   stopped = stop_agreed(stop)
-  if stopped:      # signalled during start-up: nothing new to save, the workdir is as it was
+  if stopped:      # signalled during start-up: no step ran, nothing new to save
     why = signal.Signals(stop.received).name if stop.received else "another process's signal"
     _log.warning("%s before the first step: stopped at step %d; rerun the same command to resume",
                  why, step)
