@@ -42,7 +42,7 @@ def load_model(checkpoint: str | None):
   """(config, float params, tokenizer, where)."""
   from molmo_jax.preprocess.tokens import MolmoTokenizer
   if checkpoint:
-    from molmo_jax.training.checkpoint import load_model_checkpoint
+    from molmo_jax.model_dir import load_model_checkpoint
     ckpt = load_model_checkpoint(checkpoint)
     if ckpt.tokenizer_dir is None:
       raise SystemExit(f"error: {checkpoint} has no tokenizer/ folder")

@@ -19,7 +19,7 @@ target removes such leftovers. OUT_DIR is never HF_DIR, a folder around it or in
 `--overwrite` replaces only a model directory (anything else needs `--force`), and only once the
 new one is complete (molmo_jax.output_dirs). Ctrl-C stops at the next block and removes the
 staging folder. Its layout is the one
-`molmo_jax.training.checkpoint.load_model_checkpoint` reads: `params/` is a standard Orbax PyTree
+`molmo_jax.model_dir.load_model_checkpoint` reads: `params/` is a standard Orbax PyTree
 checkpoint (OCDBT, zarr) whose leaves are recorded as numpy arrays, with one zarr chunk per block.
 """
 
@@ -321,7 +321,8 @@ def main(argv: list[str] | None = None) -> int:
   parser = errors.ArgumentParser(prog="python -m convert.hf_to_orbax", description=__doc__)
   parser.add_argument("hf_dir", help="released Molmo directory: config.json, *.safetensors, tokenizer")
   parser.add_argument("out_dir", help="model directory to create")
-  parser.add_argument("--dtype", default="auto", choices=["auto", *OUT_DTYPES])
+  parser.add_argument("--dtype", default="auto", choices=["auto", *OUT_DTYPES],
+                      help="dtype of the written parameters (auto: as stored)")
   parser.add_argument("--name", default=None, help="MolmoConfig.name (default: preset or dir name)")
   parser.add_argument("--overwrite", action="store_true",
                       help="replace OUT_DIR if it is a model directory (after the new one is complete)")
@@ -340,5 +341,10 @@ def main(argv: list[str] | None = None) -> int:
   return 0
 
 
-if __name__ == "__main__":
+def run() -> None:
+  """Console entry point (`molmo-hf-to-orbax`)."""
   sys.exit(errors.run_main(main))
+
+
+if __name__ == "__main__":
+  run()

@@ -376,7 +376,7 @@ def merge_model_directory(base_dir: str | os.PathLike, adapter_dir: str | os.Pat
                           out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
   """base model directory + adapter directory -> a full model directory (config and tokenizer
   copied from the base)."""
-  from molmo_jax.training.checkpoint import load_model_checkpoint, save_model_checkpoint
+  from molmo_jax.model_dir import load_model_checkpoint, save_model_checkpoint
   from molmo_jax.config import MolmoConfig
   from molmo_jax.models.molmo import abstract_params
   config_path = Path(base_dir) / "config.json"

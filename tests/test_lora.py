@@ -14,7 +14,7 @@ from molmo_jax import lora
 from molmo_jax import sharding
 from molmo_jax.models.molmo import Molmo
 from molmo_jax.training import train_step as ts
-from molmo_jax.training.checkpoint import load_model_checkpoint, save_model_checkpoint
+from molmo_jax.model_dir import load_model_checkpoint, save_model_checkpoint
 from molmo_jax.training.optimizer import ComponentSchedule, OptimizerConfig, build_optimizer
 from test_train_step import make_batch
 
