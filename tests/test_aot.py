@@ -98,10 +98,10 @@ def test_aot_command_line_exit_status_and_json(tmp_path):
 def test_tiny_lora_train_step_compiles_with_state_for_adapters_only():
   _require_libtpu()
   from molmo_jax.training import aot
-  full = aot.compile_train_step(_tiny_config(**{"mesh.data": "1", "mesh.fsdp": "4"}), "v5p:2x2x1")
-  config = _tiny_config(**{"mesh.data": "1", "mesh.fsdp": "4", "lora.rank": "4",
-                           "lora.train": "('connector',)", "lora.base_dtype": "bfloat16",
-                           "micro_batches": "2"})
+  full = aot.compile_train_step(_tiny_config(**{"mesh.data": 1, "mesh.fsdp": 4}), "v5p:2x2x1")
+  config = _tiny_config(**{"mesh.data": 1, "mesh.fsdp": 4, "lora.rank": 4,
+                           "lora.train": ("connector",), "lora.base_dtype": "bfloat16",
+                           "micro_batches": 2})
   report = aot.compile_train_step(config, "v5p:2x2x1")
   assert report.error is None and report.fits
   assert "llm/blocks/attention/query/lora_a" in report.param_sharding
