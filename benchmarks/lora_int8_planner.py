@@ -32,9 +32,9 @@ HBM_LIMIT = 0.90
 
 
 def lora_point(topology: str, micro: int, rank: int = 64) -> dict:
-  import train as train_cli
+  from molmo_jax import experiment
   from molmo_jax.training import aot
-  config = train_cli.load_config_file(f"{ROOT / 'configs/finetune_multitask.py'}:model=molmo-72b")
+  config = experiment.load_recipe(f"{ROOT / 'configs/finetune_multitask.py'}:model=molmo-72b")
   config.micro_batches = micro
   config.lora.rank = rank
   config.lora.alpha = float(2 * rank)
