@@ -22,16 +22,15 @@ import json
 import math
 import shutil
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
-import jax
 import numpy as np
 import tensorstore as ts
 
 from convert import release_config
-from convert.hf_to_orbax import DEFAULT_BLOCK_BYTES, OUT_DTYPES, model_leaf_shapes
+from convert.hf_to_orbax import (DEFAULT_BLOCK_BYTES, OUT_DTYPES, conversion_parser,
+                                 model_leaf_shapes, run_conversion)
 from convert.release_tables import COPY, Rule, fused_groups, row_splittable, rules_for, to_hf, transpose
 from convert.safetensors_io import DEFAULT_MAX_SHARD_BYTES, TensorSpec, write_sharded
 from molmo_jax import errors
@@ -226,26 +225,16 @@ def convert_orbax_to_hf(model_dir: str | Path, out_dir: str | Path, *, dtype: st
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = errors.ArgumentParser(prog="python -m convert.orbax_to_hf", description=__doc__)
-  parser.add_argument("model_dir", help="model directory: params/, config.json, tokenizer/")
-  parser.add_argument("out_dir", help="release directory to create")
-  parser.add_argument("--dtype", default="auto", choices=["auto", *OUT_DTYPES])
+  parser = conversion_parser("convert.orbax_to_hf", __doc__,
+                             "model_dir: model directory: params/, config.json, tokenizer/",
+                             "release directory")
   parser.add_argument("--max-shard-gb", type=float, default=DEFAULT_MAX_SHARD_BYTES / 1e9)
-  parser.add_argument("--overwrite", action="store_true",
-                      help="replace OUT_DIR if it is a release directory (after the new one is complete)")
-  parser.add_argument("--force", action="store_true",
-                      help="replace OUT_DIR whatever it holds (never the source or a folder around it)")
   args = parser.parse_args(argv)
   if not args.max_shard_gb > 0:
     parser.error(f"--max-shard-gb: expected > 0, got {args.max_shard_gb}")
-  jax.config.update("jax_platforms", "cpu")   # conversion needs no accelerator
-  start = time.perf_counter()
-  with errors.deferred_interrupt("conversion interrupted") as interrupt:
-    out = convert_orbax_to_hf(args.model_dir, args.out_dir, dtype=args.dtype,
-                              max_shard_bytes=int(args.max_shard_gb * 1e9), overwrite=args.overwrite,
-                              force=args.force, check_interrupt=interrupt.check)
+  out, seconds = run_conversion(convert_orbax_to_hf, args, paths=(args.model_dir, args.out_dir),
+                                max_shard_bytes=int(args.max_shard_gb * 1e9))
   total = json.loads((out / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
-  seconds = time.perf_counter() - start
   print(f"wrote {out} in {seconds:.1f} s ({total / 2**20 / seconds:.1f} MiB/s of safetensors written)")
   return 0
 
