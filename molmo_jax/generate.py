@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -85,18 +85,33 @@ def filter_logits(logits: Array, top_k: int, top_p: float) -> Array:
 
 
 def choose_tokens(logits: Array, rng: Array, sampling: SamplingConfig) -> Array:
-  """logits [B, V] float32 -> next tokens [B] int32."""
+  """logits [B, V] float32 -> next tokens [B] int32.
+
+  `rng` is one key for the whole batch, or one key per row ([B, 2]) so that a row's draws do not
+  depend on which other rows share its batch (the server's per-request seeds).
+  """
   if sampling.temperature <= 0:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
   logits = filter_logits(logits / sampling.temperature, sampling.top_k, sampling.top_p)
+  if rng.ndim == 2:
+    return jax.vmap(jax.random.categorical)(rng, logits).astype(jnp.int32)
   return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-def _generate(params: Any, batch: Mapping[str, Array], rng: Array, *, model: Molmo,
-              sampling: SamplingConfig) -> tuple[Array, Array, Array]:
+class DecodeState(NamedTuple):
+  """What one decoding step needs: the KV cache, which cache slots hold tokens, the logits that
+  choose the next token and that token's position."""
+
+  cache: dict             # key/value [L, B, S, K, h]
+  key_valid: Array        # [B, S] bool
+  next_logits: Array      # [B, V] float32
+  next_position: Array    # [B] int32
+
+
+def prefill(params: Any, batch: Mapping[str, Array], *, model: Molmo, steps: int) -> DecodeState:
+  """Runs the prompt (and the vision tower) once into a cache with room for `steps` new tokens."""
   input_ids = batch["input_ids"]
   b, t = input_ids.shape
-  steps = sampling.max_new_tokens
   s = t + steps
   cfg = model.config
   cache = init_cache(cfg.llm, b, s, jnp.dtype(cfg.dtype))
@@ -108,14 +123,37 @@ def _generate(params: Any, batch: Mapping[str, Array], rng: Array, *, model: Mol
   if positions is None:
     positions = default_positions(input_ids)
   mask = key_valid[:, None, :] & (slots[None, None, :] <= jnp.arange(t)[None, :, None])
-  prefill = dict(batch, position_ids=positions)
-  logits, out = model.apply({"params": params}, prefill, cache=cache, cache_index=jnp.int32(0),
-                            attention_mask=mask)
+  logits, out = model.apply({"params": params}, dict(batch, position_ids=positions), cache=cache,
+                            cache_index=jnp.int32(0), attention_mask=mask)
   last = jnp.maximum(jnp.sum(valid, axis=1) - 1, 0)                                  # [B]
   rows = jnp.arange(b)
-  next_logits = logits[rows, last]
-  next_position = positions[rows, last] + 1
+  return DecodeState(out["cache"], key_valid, logits[rows, last].astype(jnp.float32),
+                     positions[rows, last] + 1)
 
+
+def decode_step(params: Any, state: DecodeState, slot: Array, done: Array, rng: Array, *,
+                model: Molmo, sampling: SamplingConfig) -> tuple[DecodeState, Array]:
+  """Chooses each row's next token [B] (pad_id where `done`) and runs it into cache slot `slot`
+  (= prompt length T + step index), giving the logits for the token after it."""
+  token = choose_tokens(state.next_logits, rng, sampling)
+  token = jnp.where(done, sampling.pad_id, token)
+  key_valid = state.key_valid.at[:, slot].set(True)
+  slots = jnp.arange(key_valid.shape[1], dtype=jnp.int32)
+  mask = key_valid[:, None, :] & (slots[None, None, :] <= slot)
+  step_batch = {"input_ids": jnp.where(token < 0, 0, token)[:, None],
+                "position_ids": state.next_position[:, None]}
+  step_logits, out = model.apply({"params": params}, step_batch, cache=state.cache,
+                                 cache_index=slot, attention_mask=mask)
+  new_state = DecodeState(out["cache"], key_valid, step_logits[:, 0].astype(jnp.float32),
+                          state.next_position + 1)
+  return new_state, token
+
+
+def _generate(params: Any, batch: Mapping[str, Array], rng: Array, *, model: Molmo,
+              sampling: SamplingConfig) -> tuple[Array, Array, Array]:
+  b, t = batch["input_ids"].shape
+  steps = sampling.max_new_tokens
+  state = prefill(params, batch, model=model, steps=steps)
   eos = -1 if sampling.eos_id is None else sampling.eos_id
   tokens = jnp.full((b, steps), sampling.pad_id, jnp.int32)
   done = jnp.zeros((b,), bool)
@@ -127,17 +165,17 @@ def _generate(params: Any, batch: Mapping[str, Array], rng: Array, *, model: Mol
             jnp.zeros((b, steps if top else 0, top), jnp.float32),
             jnp.full((b, steps if top else 0, top), sampling.pad_id, jnp.int32))
 
-  def cond(state):
-    i, *_, done, _, _ = state
+  def cond(loop):
+    i, *_, done, _, _ = loop
     return (i < steps) & ~jnp.all(done)
 
-  def body(state):
-    i, cache, key_valid, next_logits, next_position, tokens, lengths, done, rng, scores = state
+  def body(loop):
+    i, state, tokens, lengths, done, rng, scores = loop
     rng, step_rng = jax.random.split(rng)
-    token = choose_tokens(next_logits, step_rng, sampling)
-    token = jnp.where(done, sampling.pad_id, token)
+    logits = state.next_logits
+    state, token = decode_step(params, state, t + i, done, step_rng, model=model, sampling=sampling)
     if with_logprobs:
-      chosen, values, ids = _step_logprobs(next_logits, token, top)
+      chosen, values, ids = _step_logprobs(logits, token, top)
       live = ~done
       scores = (scores[0].at[:, i].set(jnp.where(live, chosen, 0.0)),
                 scores[1].at[:, i].set(jnp.where(live[:, None], values, 0.0)) if top else scores[1],
@@ -146,20 +184,10 @@ def _generate(params: Any, batch: Mapping[str, Array], rng: Array, *, model: Mol
     tokens = tokens.at[:, i].set(token)
     lengths = lengths + (~done).astype(jnp.int32)
     done = done | (token == eos)
-    slot = t + i
-    key_valid = key_valid.at[:, slot].set(True)
-    mask = key_valid[:, None, :] & (slots[None, None, :] <= slot)
-    step_batch = {"input_ids": jnp.where(token < 0, 0, token)[:, None],
-                  "position_ids": next_position[:, None]}
-    step_logits, out = model.apply({"params": params}, step_batch, cache=cache, cache_index=slot,
-                                   attention_mask=mask)
-    return (i + 1, out["cache"], key_valid, step_logits[:, 0], next_position + 1, tokens, lengths,
-            done, rng, scores)
+    return i + 1, state, tokens, lengths, done, rng, scores
 
-  state = (jnp.int32(0), out["cache"], key_valid, next_logits, next_position, tokens, lengths, done,
-           rng, scores)
-  state = jax.lax.while_loop(cond, body, state)
-  _, _, _, _, _, tokens, lengths, done, _, scores = state
+  _, _, tokens, lengths, done, _, scores = jax.lax.while_loop(
+      cond, body, (jnp.int32(0), state, tokens, lengths, done, rng, scores))
   return tokens, lengths, done, scores
 
 

@@ -92,6 +92,27 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, expert: int = 1,
   return Mesh(device_grid, MESH_AXES)
 
 
+def mesh_from_spec(spec: str, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A mesh from a command-line spec such as "data=2,fsdp=4" (omitted axes are 1; "data=-1"
+  takes the remaining devices; "" or "auto" means all devices on the data axis)."""
+  sizes: dict[str, int] = {}
+  for part in [p.strip() for p in spec.split(",") if p.strip() and spec.strip() != "auto"]:
+    name, sep, value = part.partition("=")
+    if not sep or name.strip() not in MESH_AXES:
+      raise ValueError(f"mesh spec {spec!r}: expected comma-separated AXIS=SIZE with AXIS in "
+                       f"{', '.join(MESH_AXES)}, got {part!r}")
+    try:
+      sizes[name.strip()] = int(value)
+    except ValueError:
+      raise ValueError(f"mesh spec {spec!r}: size of {name.strip()} must be an integer, got "
+                       f"{value!r}") from None
+  if not sizes:
+    sizes = {"data": -1}
+  elif "data" not in sizes and -1 not in sizes.values():
+    sizes["data"] = -1
+  return make_mesh(devices=devices, **{**{"data": 1}, **sizes})
+
+
 @contextlib.contextmanager
 def activate(mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> Iterator[Mesh]:
   """Context in which `nn.with_logical_constraint` inside the model binds to `mesh`.

@@ -1,0 +1,152 @@
+"""What the batching engine runs: requests -> model examples, and batches -> tokens step by step.
+
+`ModelBackend` wraps a `Predictor` (config, parameters, optional mesh, tokenizer). A batch runs as
+one jitted prefill (prompt and vision tower) followed by one jitted `decode_step` per token,
+the same two functions `molmo_jax.generate.generate` loops over inside `lax.while_loop`; stepping
+from Python lets the engine stream each token, drop rows whose client went away and stop as soon
+as every row is finished.
+
+Legend: B batch rows (bucketed), T prompt length (bucketed), M crop slots, S = T + steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import math
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from molmo_jax import sharding
+from molmo_jax.generate import DecodeState, SamplingConfig, decode_step, prefill
+from molmo_jax.preprocess import examples, image_io, inputs
+from molmo_jax.serve.messages import Conversation
+from molmo_jax.serve.protocol import APIError
+
+
+@dataclasses.dataclass
+class PreparedInput:
+  example: dict[str, np.ndarray]     # one unpadded inference example (build_example)
+  image_size: tuple[int, int] | None  # (w, h) of the original image
+  prompt_tokens: int
+  length_bucket: int                 # T this example is padded to
+  crop_slots: int                    # M crop slots its batch needs
+
+
+class BatchRun(Protocol):
+  def step(self, done: np.ndarray) -> np.ndarray:
+    """Next token of every row [B] (pad where done[row])."""
+
+
+class ModelBackend:
+  """Batches on the model of a `molmo_jax.predictor.Predictor`."""
+
+  def __init__(self, predictor: Any):
+    self.predictor = predictor
+    self.tokenizer = predictor.tokenizer
+    self.config = predictor.config
+    self.max_crops = predictor.max_crops
+    self.length_bucket = predictor.length_bucket
+    self.context_length = predictor.config.llm.rope_max_length
+    self.mesh = predictor.mesh
+    if self.mesh is None:
+      self.batch_multiple = 1
+    else:
+      axes = sharding.data_sharding(self.mesh, 1).spec[0] or ()
+      axes = (axes,) if isinstance(axes, str) else axes
+      self.batch_multiple = math.prod(self.mesh.shape[a] for a in axes)
+
+  # ---- requests -> examples -------------------------------------------------------------------
+
+  def prepare(self, conversation: Conversation) -> PreparedInput:
+    """One request's conversation and image as a model example, built by
+    `molmo_jax.preprocess.inputs` as for `Predictor` (several turns: the same image
+    preparation, then `build_example` over the whole conversation)."""
+    image = None
+    if conversation.image is not None:
+      source = conversation.image
+      try:
+        image = inputs.load_pixels(source.data, self.config, name=source.param)
+      except image_io.ImageLoadError as e:
+        raise APIError(400, f"invalid image: {e}", param=source.param, code="invalid_image") from e
+    try:
+      if len(conversation.turns) == 1:
+        example, size = inputs.build_inference_example(
+            image, conversation.turns[0], self.tokenizer, self.config, max_crops=self.max_crops)
+      else:
+        cut = inputs.prepare_images(image, self.config, self.max_crops)
+        example = examples.build_example(conversation.turns, cut, self.tokenizer, self.config,
+                                         for_training=False)
+        size = cut[0].original_size if cut else None
+    except ValueError as e:
+      raise APIError(400, f"messages: {e}", param="messages") from e
+    crops = example["images"].shape[0]
+    length = len(example["input_ids"])
+    # Image requests use the predictor's crop slots (max_crops + 1, so answers equal
+    # `Predictor.predict`'s); text-only requests need one (empty) slot.
+    slots = self.max_crops + 1 if crops else 1
+    return PreparedInput(example, size, length, inputs.bucket_length(length, self.length_bucket),
+                         slots)
+
+  # ---- batches -> tokens ----------------------------------------------------------------------
+
+  def start(self, inputs: list[PreparedInput], rows: int, steps: int, sampling: SamplingConfig,
+            seeds: list[int]) -> BatchRun:
+    """Pads `inputs` to `rows` rows (copies of the first; the caller marks them done) and runs
+    the prefill."""
+    padded = inputs + [inputs[0]] * (rows - len(inputs))
+    seq_len = max(p.length_bucket for p in padded)
+    slots = max(p.crop_slots for p in padded)
+    batch = examples.collate([p.example for p in padded], seq_len, slots - 1)
+    keys = np.stack([np.asarray(jax.random.PRNGKey(s)) for s in seeds + [0] * (rows - len(seeds))])
+    return _ModelRun(self, batch, keys, steps, sampling)
+
+  @functools.lru_cache(maxsize=16)
+  def _prefill_fn(self, steps: int):
+    return jax.jit(functools.partial(prefill, model=self.predictor.model, steps=steps))
+
+  @functools.lru_cache(maxsize=16)
+  def _step_fn(self, sampling: SamplingConfig):
+    model = self.predictor.model
+
+    def step(params, state: DecodeState, slot, done, keys, index):
+      rngs = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, index)
+      return decode_step(params, state, slot, done, rngs, model=model, sampling=sampling)
+
+    return jax.jit(step, donate_argnums=(1,))
+
+
+class _ModelRun:
+  def __init__(self, backend: ModelBackend, batch: dict[str, np.ndarray], keys: np.ndarray,
+               steps: int, sampling: SamplingConfig):
+    self.backend = backend
+    self.params = backend.predictor.params
+    self.prompt_length = batch["input_ids"].shape[1]
+    self.index = 0
+    self.sampling = sampling
+    keys_needed = ("input_ids", "images", "image_masks", "image_input_idx", "position_ids")
+    batch = {k: batch[k] for k in keys_needed if k in batch}
+    with self._context():
+      if backend.mesh is not None:
+        batch = {k: jax.device_put(v, sharding.data_sharding(backend.mesh, v.ndim))
+                 for k, v in batch.items()}
+        keys = jax.device_put(keys, sharding.data_sharding(backend.mesh, 2))
+      self.keys = jnp.asarray(keys)
+      self.state = backend._prefill_fn(steps)(self.params, batch)
+
+  def _context(self):
+    if self.backend.mesh is None:
+      return contextlib.nullcontext()
+    return sharding.activate(self.backend.mesh)
+
+  def step(self, done: np.ndarray) -> np.ndarray:
+    with self._context():
+      self.state, token = self.backend._step_fn(self.sampling)(
+          self.params, self.state, jnp.int32(self.prompt_length + self.index), jnp.asarray(done),
+          self.keys, jnp.int32(self.index))
+    self.index += 1
+    return np.asarray(jax.device_get(token))
