@@ -180,11 +180,11 @@ def hlo_op_count(fn, *args) -> int:
   return sum(1 for line in text.splitlines() if " = " in line)
 
 
-@pytest.mark.parametrize("remat", ["none", "full"])
-def test_nothing_captured_costs_nothing(monkeypatch, remat):
+@pytest.mark.parametrize("family, remat", [("olmoe", "none"), ("qwen2", "full")])
+def test_nothing_captured_costs_nothing(monkeypatch, family, remat):
   """The forward and its gradient compile to the same ops whether or not the capture points
   exist (capture.sow replaced by a no-op), and no parameter tree holds a capture collection."""
-  cfg = C.tiny("olmoe").replace(remat_policy=remat)
+  cfg = C.tiny(family).replace(remat_policy=remat)
   model = Molmo(cfg)
   batch = {k: jnp.asarray(v) for k, v in tiny_batch(cfg).items()}
   variables = model.init(jax.random.PRNGKey(0), batch)
