@@ -25,8 +25,12 @@ install: $(VENV)/.installed-test
 install-tpu: $(VENV)/.installed-tpu
 
 # Main job: train a tiny Molmo on synthetic data, evaluate it, draw its points (CPU, ~10 min).
+# glibc.malloc.hugetlb=1 makes malloc use transparent huge pages: XLA:CPU allocates and frees a
+# large temporary buffer every step, which otherwise costs tens of thousands of page faults per
+# step. glibc reads it only at process start, hence here and not in Python.
 demo: $(VENV)/.installed-base
-	JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu} $(PY) -m molmo_jax.demo --workdir outputs/demo
+	GLIBC_TUNABLES=$${GLIBC_TUNABLES:-glibc.malloc.hugetlb=1} JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu} \
+	  $(PY) -m molmo_jax.demo --workdir outputs/demo
 
 # The test suite (CPU-only JAX with 8 simulated devices; see tests/conftest.py).
 test: $(VENV)/.installed-tpu

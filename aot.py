@@ -6,22 +6,22 @@
 Needs libtpu (`pip install -e '.[tpu]'`); JAX itself stays on the CPU. Prints the mesh, per-chip
 memory from the compiled executable (arguments, outputs, temporaries, total vs HBM), the analytic
 model FLOPs per step and the parameter sharding per PartitionSpec. Exit status 0 when the step
-fits, 3 when XLA reports it does not fit in HBM, 2 for usage errors.
+fits, 3 when XLA reports it does not fit in HBM, 2 for usage errors (libtpu missing included).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
+
+from molmo_jax import errors
 
 
 def main(argv=None) -> int:
   import train as train_cli
   from molmo_jax.training import aot
 
-  p = argparse.ArgumentParser(prog="python aot.py", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = errors.ArgumentParser(prog="python aot.py", description=__doc__)
   p.add_argument("--config", required=True, help="config file[:arg] as for train.py")
   p.add_argument("--topology", required=True, help="e.g. v5p:8x8x4, v6e:16x16, v4:4x4x4, v5e:8x8")
   p.add_argument("--json", default=None, help="write the report as JSON here")
@@ -35,9 +35,11 @@ def main(argv=None) -> int:
       key, _, value = item[len("--config."):].partition("=")
       train_cli.apply_override(config, key, value)
     aot.parse_topology(args.topology)
+    if args.json:
+      errors.writable_output(args.json, "--json")
   except (train_cli.UsageError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
-    return 2
+    return errors.EXIT_USAGE
   report = aot.compile_train_step(config, args.topology)
   print(aot.format_report(report))
   groups = aot.sharding_by_logical_axis(report)
@@ -46,10 +48,10 @@ def main(argv=None) -> int:
     shown = paths if args.show_sharding else paths[:3] + (["..."] if len(paths) > 3 else [])
     print(f"    {spec}: {len(paths)} -> {', '.join(shown)}")
   if args.json:
-    with open(args.json, "w") as f:
+    with open(args.json, "w") as f:   # its folder was checked before compiling
       json.dump(report.to_json(), f, indent=2)
-  return 0 if report.fits else 3
+  return 0 if report.fits else errors.EXIT_DOES_NOT_FIT
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(errors.run_main(main))

@@ -12,7 +12,8 @@
 Generation is greedy, batched and data-parallel over every local device (the batch is rounded up to
 a multiple of the device count). Crops and max_new_tokens default to the paper's per-task settings.
 Prints a table of our score beside the paper's Table-1 number for the checkpoint's model.
-Exit status: 0 on success, 2 for a usage or data error.
+An empty data file, or one whose examples are all skipped, is an error (exit 2) naming it; with
+`all`, the task folders found and missing are listed (none found is an error).
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ import json
 import logging
 import sys
 
+from molmo_jax import errors
+
 
 def parse_args(argv=None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(prog="python eval.py", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = errors.ArgumentParser(prog="python eval.py", description=__doc__)
   p.add_argument("--checkpoint", required=True, help="model directory (converted or trained)")
   p.add_argument("--task", required=True, help="task name or 'all'")
   p.add_argument("--data", default=None, help="dataset path (a folder of task folders for 'all')")
@@ -46,10 +48,10 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
   p.add_argument("--json", action="store_true", help="print the metrics as JSON too")
   args = p.parse_args(argv)
-  if args.limit is not None and args.limit < 1:
-    p.error(f"--limit must be positive, got {args.limit}")
-  if args.batch_size < 1:
-    p.error(f"--batch-size must be positive, got {args.batch_size}")
+  for name in ("limit", "batch_size", "max_crops", "max_new_tokens"):
+    value = getattr(args, name)
+    if value is not None and value < 1:
+      p.error(f"--{name.replace('_', '-')}: expected >= 1, got {value}")
   return args
 
 
@@ -86,6 +88,7 @@ def main(argv=None) -> int:
       results, average, missing = suite["results"], suite["average"], suite["missing"]
       if args.output:
         from pathlib import Path
+        Path(args.output).mkdir(parents=True, exist_ok=True)
         (Path(args.output) / "summary.json").write_text(json.dumps(suite, indent=2) + "\n")
     else:
       task_options = {"seed": args.seed} if args.task in tasks.SYNTHETIC_TASKS else None
@@ -103,4 +106,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(errors.run_main(main))

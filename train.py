@@ -9,8 +9,11 @@
                       model.{llm,vision,connector,preprocess}.* and data.sources.* accept new keys.
 --workdir DIR         checkpoints, logs and TensorBoard events; rerunning resumes from it.
 
-Exit status: 0 when the run finished or was stopped by SIGTERM/SIGINT after saving, 1 when the
-loss became NaN/Inf (the last good checkpoint is kept), 2 for command-line errors.
+--debug               print the traceback of an error (also MOLMO_JAX_DEBUG=1)
+
+SIGTERM / SIGINT are honoured from the moment the command starts: the run stops after the current
+step with a checkpoint (or, before the first step, without running a step or saving). One run per
+workdir at a time (a lock file); a resume with another model or data config is refused.
 """
 
 from __future__ import annotations
@@ -22,12 +25,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from molmo_jax import errors
+
 _OPEN_SECTIONS = ("model.llm.", "model.vision.", "model.connector.", "model.preprocess.",
                   "data.sources.", "data.group_rates.")
 
 
-class UsageError(ValueError):
-  pass
+class UsageError(errors.UserError):
+  def __init__(self, message: str):
+    super().__init__(message)
 
 
 def load_config_file(spec: str):
@@ -124,23 +130,29 @@ def parse_args(argv: list[str]):
 
 
 def main(argv: list[str] | None = None) -> int:
-  try:
-    config, workdir = parse_args(sys.argv[1:] if argv is None else argv)
-  except UsageError as e:
-    print(f"train.py: {e}\n\n{__doc__}", file=sys.stderr)
-    return 2
-  from molmo_jax.training import loop
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True)
-  logging.getLogger("absl").setLevel(logging.WARNING)   # Orbax narrates every save at INFO
-  try:
-    result = loop.train(config, workdir)
-  except loop.NonFiniteLossError as e:
-    logging.getLogger("molmo_jax.train").error("%s", e)
-    return 1
+  # Installed before JAX is imported: a SIGTERM during start-up stops the run cleanly.
+  with errors.DeferredInterrupt("train.py") as stop:
+    try:
+      config, workdir = parse_args(sys.argv[1:] if argv is None else argv)
+    except UsageError as e:
+      print(f"error: {e} (see python train.py --help)", file=sys.stderr)
+      return errors.EXIT_USAGE
+    from molmo_jax.training import loop
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
+                        force=True)
+    logging.getLogger("absl").setLevel(logging.WARNING)   # Orbax narrates every save at INFO
+    try:
+      result = loop.train(config, workdir, stop=stop)
+    except loop.NonFiniteLossError as e:
+      print(f"error: {e}", file=sys.stderr)
+      return errors.EXIT_NONFINITE
   how = "stopped by signal" if result.stopped_by_signal else "finished"
   logging.getLogger("molmo_jax.train").info("%s at step %d", how, result.step)
   return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  if {"-h", "--help"} & set(sys.argv[1:]):
+    print(f"{__doc__}\n{errors.EXIT_CODES_HELP}")
+    sys.exit(0)
+  sys.exit(errors.run_main(main))

@@ -49,6 +49,8 @@ def parse_args(argv=None):
   p.add_argument("--requests", type=int, default=64, help="requests per level (and serially)")
   p.add_argument("--duration", type=float, default=120.0, help="seconds at most per level")
   p.add_argument("--max-tokens", type=int, default=32)
+  p.add_argument("--text-only", action="store_true",
+                 help="questions without images (no vision tower: decoding dominates)")
   p.add_argument("--port", type=int, default=8391)
   p.add_argument("--out", default=str(ROOT / "benchmarks/results/serve.json"))
   return p.parse_args(argv)
@@ -70,11 +72,15 @@ def tiny_checkpoint(root: Path) -> Path:
   return save_model_checkpoint(root / "ckpt", jax.device_get(params), cfg, tokenizer_dir=root / "tokenizer")
 
 
-def make_requests(n: int) -> list[tuple[np.ndarray, str, str]]:
-  """(image, prompt, data URL) triples: a few image sizes, eight prompts."""
+def make_requests(n: int, text_only: bool = False) -> list[tuple[np.ndarray, str, str]]:
+  """(image, prompt, data URL) triples: a few image sizes, eight prompts (image and URL None
+  with text_only)."""
   rng = np.random.default_rng(0)
   out = []
   for i in range(n):
+    if text_only:
+      out.append((None, PROMPTS[i % len(PROMPTS)], None))
+      continue
     w, h = [(70, 50), (64, 64), (90, 60)][i % 3]
     image = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
     buffer = io.BytesIO()
@@ -131,9 +137,11 @@ async def run_clients(base: str, requests, clients: int, max_tokens: int, total:
     while queue and time.perf_counter() - start < duration:
       i = queue.pop(0)
       _, prompt, url = requests[i % len(requests)]
-      body = {"messages": [{"role": "user", "content": [
-          {"type": "text", "text": prompt}, {"type": "image_url", "image_url": {"url": url}}]}],
-          "max_tokens": max_tokens, "temperature": 0}
+      content = [{"type": "text", "text": prompt}]
+      if url is not None:
+        content.append({"type": "image_url", "image_url": {"url": url}})
+      body = {"messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
+              "temperature": 0}
       t = time.perf_counter()
       try:
         response = await http.post(base + "/v1/chat/completions", json=body)
@@ -172,7 +180,7 @@ def wait_for_server(base: str, process: subprocess.Popen, timeout: float = 600) 
 def main(argv=None) -> int:
   args = parse_args(argv)
   levels = [int(c) for c in args.clients.split(",")]
-  requests = make_requests(args.requests)
+  requests = make_requests(args.requests, args.text_only)
   with tempfile.TemporaryDirectory() as tmp:
     checkpoint = Path(args.checkpoint) if args.checkpoint else tiny_checkpoint(Path(tmp))
     load_before = os.getloadavg()[0]
@@ -228,6 +236,7 @@ def main(argv=None) -> int:
   out.write_text(json.dumps({
       "model": "tiny random qwen2-family Molmo" if not args.checkpoint else str(args.checkpoint),
       "max_tokens": args.max_tokens, "requests_per_level": args.requests,
+      "questions": "text only" if args.text_only else "image questions",
       "cpu_count": os.cpu_count(), "serial": serial,
       "server": {str(k): v for k, v in results.items()},
       "note": ("load_average = 1-minute load before/after the run; other processes share the "

@@ -7,6 +7,7 @@ Field reference (all overridable with --config.<path>=value):
                         "" to take init_from's config.json
   model.dtype           compute dtype (bfloat16 on accelerators); params stay model.param_dtype
   model.remat_policy    none | full | dots | dots_no_batch | qkv_proj | minimal (scanned layers)
+  model.scan_unroll     layers per iteration of the layer scans (1; >= layers unrolls: faster on CPU)
   model.{llm,vision,connector,preprocess}.<field>   any MolmoConfig field, e.g. dropout rates
   init_from             model directory (converted checkpoint) whose params start the run; ignored
                         once the workdir holds a checkpoint (the run then resumes from it)
@@ -27,7 +28,7 @@ import ml_collections
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.model = ml_collections.ConfigDict(dict(
-      name="", dtype="bfloat16", param_dtype="float32", remat_policy="full",
+      name="", dtype="bfloat16", param_dtype="float32", remat_policy="full", scan_unroll=1,
       llm={}, vision={}, connector={}, preprocess={}))
   c.init_from = ""
   c.tokenizer_dir = ""

@@ -33,8 +33,10 @@ import numpy as np
 
 from convert import hf_components as hfc
 from molmo_jax import config as C
+from molmo_jax import errors
 from molmo_jax.models.connector import Connector
 from molmo_jax.models.molmo import Molmo
+from molmo_jax.output_dirs import check_output_target, is_model_directory
 from molmo_jax.training.checkpoint import check_tree_matches, save_model_checkpoint
 from molmo_jax.training.optimizer import path_name
 
@@ -176,8 +178,7 @@ def _int_tuple(text: str) -> tuple[int, ...]:
 
 
 def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(prog="python -m convert.build_initial", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = errors.ArgumentParser(prog="python -m convert.build_initial", description=__doc__)
   parser.add_argument("--clip", required=True, type=Path, help="HF CLIP(Vision)Model directory")
   parser.add_argument("--llm", required=True, type=Path, help="HF Qwen2/OLMo2/OLMoE directory")
   parser.add_argument("--out", required=True, type=Path, help="model directory to write")
@@ -189,15 +190,20 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--vocab-size", type=int, help="llm.vocab_size (padded tokenizer size)")
   parser.add_argument("--embedding-size", type=int, help="llm.embedding_size (>= HF vocab)")
   parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--overwrite", action="store_true")
+  parser.add_argument("--overwrite", action="store_true",
+                      help="replace --out if it is a model directory")
+  parser.add_argument("--force", action="store_true", help="replace --out whatever it holds")
   args = parser.parse_args(argv)
+  check_output_target(args.out, sources=[args.clip, args.llm], overwrite=args.overwrite,
+                      force=args.force, kind="model directory", is_kind=is_model_directory,
+                      flag="--out")
   overrides = {k: v for k, v in (("vocab_size", args.vocab_size),
                                  ("embedding_size", args.embedding_size)) if v is not None}
   out = build_initial(args.clip, args.llm, args.out, preset=args.preset, vit_layers=args.vit_layers,
                       drop_last_vit_layer=not args.keep_last_vit_layer, seed=args.seed,
-                      overwrite=args.overwrite, **overrides)
+                      overwrite=args.overwrite or args.force, **overrides)
   print(f"wrote {out}")
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(errors.run_main(main))

@@ -9,14 +9,15 @@ line per tensor (name, shape, dtype, size), per-component totals and the grand t
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
+import sys
 from collections import defaultdict
 from pathlib import Path
 
 from convert.orbax_to_hf import OrbaxParams
 from convert.safetensors_io import INDEX_FILE, SafetensorsDir
+from molmo_jax import errors
 
 _HF_COMPONENTS = (("model.vision_backbone.image_vit.", "vision"), ("model.vision_backbone.", "connector"),
                   ("model.transformer.", "llm"))
@@ -68,14 +69,11 @@ def _human(nbytes: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser = errors.ArgumentParser(prog="python -m convert.inspect", description=__doc__)
   parser.add_argument("checkpoint")
   parser.add_argument("--filter", default="", help="only tensors whose name contains this")
   args = parser.parse_args(argv)
-  try:
-    kind, rows = describe(args.checkpoint)
-  except (OSError, ValueError) as e:
-    parser.exit(2, f"error: {e}\n")
+  kind, rows = describe(args.checkpoint)
   rows = [r for r in rows if args.filter in r[0]]
   width = max((len(r[0]) for r in rows), default=10)
   print(f"{args.checkpoint}: {kind}")
@@ -98,4 +96,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(errors.run_main(main))

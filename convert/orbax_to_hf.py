@@ -79,7 +79,10 @@ class OrbaxParams:
     return np.dtype(self.store(path).dtype.numpy_dtype)
 
   def read(self, path: str, index=()) -> np.ndarray:
-    return self.store(path)[index].read().result()
+    try:
+      return self.store(path)[index].read().result()
+    except ValueError as e:       # tensorstore: truncated or corrupt chunk
+      raise errors.unreadable_data(str(self.directory.parent), e) from e
 
 
 def check_stored_tree(params: OrbaxParams, shapes: dict[str, tuple[int, ...]], where: str) -> None:

@@ -176,6 +176,12 @@ class MolmoConfig:
   # Layers are always scanned (stacked on a leading "layers" axis); this picks what the backward
   # pass keeps: none (no remat) | full | dots | dots_no_batch | qkv_proj | minimal.
   remat_policy: str = "none"
+  # How many layers each iteration of the layer scans runs (jax.lax.scan's `unroll`); a value >=
+  # the number of layers unrolls the loop completely. Changes neither the results nor the stacked
+  # parameter layout, only the compiled program: on XLA:CPU a fully unrolled loop skips
+  # zero-filling and copying the scan's stacked buffers (the demo recipe unrolls); accelerators
+  # keep 1 (one compiled layer body, fast compiles for deep models).
+  scan_unroll: int = 1
 
   def replace(self, **kwargs: Any) -> "MolmoConfig":
     return dataclasses.replace(self, **kwargs)

@@ -4,14 +4,22 @@
 
 Steps (all on the CPU, nothing downloaded):
   1. build the demo tokenizer and save it beside the run;
-  2. train `configs/demo.py` (checkpoints in <workdir>/train, resumable: rerun the same command);
+  2. train `configs/demo.py` (checkpoints in <workdir>/train, resumable: rerun the same command),
+     keeping a checkpoint at each of `--curve-evals` evenly spaced steps;
   3. export the final parameters as a model directory (<workdir>/model) that `eval.py` and
      `python -m molmo_jax.predict` read;
-  4. evaluate counting accuracy and pointing F1 on held-out synthetic scenes, next to chance level
-     and next to an ablation whose image features are zeroed (proof that the score comes from
-     vision);
-  5. draw predicted (and true) points on a few held-out images (<workdir>/points-*.png).
+  4. evaluate counting accuracy and pointing F1 on held-out synthetic scenes with the `eval.py`
+     runner, next to chance level and next to an ablation whose image features are zeroed (proof
+     that the score comes from vision);
+  5. score the checkpoints kept during training on the first `--curve-examples` held-out scenes
+     (same runner) and draw the learning curve (<workdir>/learning_curve.png: training loss,
+     held-out counting accuracy and pointing F1 against steps);
+  6. draw a contact sheet of held-out scenes with the question, the answer and the predicted
+     (filled) and true (crosses) points (<workdir>/contact_sheet.png).
 Everything measured goes to <workdir>/metrics.json.
+
+Set GLIBC_TUNABLES=glibc.malloc.hugetlb=1 before starting Python (`make demo` does): training
+runs noticeably faster on CPU (see docs/demo.md).
 """
 
 from __future__ import annotations
@@ -35,9 +43,18 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--batch", type=int, default=None, help="global batch size")
   p.add_argument("--eval-examples", type=int, default=200, help="held-out scenes per task")
   p.add_argument("--eval-batch", type=int, default=16)
-  p.add_argument("--pictures", type=int, default=4, help="PNGs with drawn points")
+  p.add_argument("--curve-evals", type=int, default=6,
+                 help="checkpoints scored for the learning curve (evenly spaced; 0 = final only)")
+  p.add_argument("--curve-examples", type=int, default=64, help="held-out scenes per task and checkpoint")
+  p.add_argument("--sheet", type=int, default=16, help="held-out scenes on the contact sheet")
   p.add_argument("--skip-ablation", action="store_true")
-  return p.parse_args(argv)
+  args = p.parse_args(argv)
+  for name in ("eval_examples", "eval_batch", "curve_examples", "sheet"):
+    if getattr(args, name) < 1:
+      p.error(f"--{name.replace('_', '-')}: expected >= 1, got {getattr(args, name)}")
+  if args.curve_evals < 0:
+    p.error(f"--curve-evals: expected >= 0, got {args.curve_evals}")
+  return args
 
 
 def _quiet_logs() -> None:
@@ -59,24 +76,36 @@ def train_demo(config, workdir: Path):
         f"sequence {config.data.seq_len} -> {workdir / 'train'}", flush=True)
   start = time.time()
   result = loop.train(config, workdir / "train")
-  print(f"[demo] trained to step {result.step} in {time.time() - start:.0f} s "
+  elapsed = time.time() - start
+  print(f"[demo] trained to step {result.step} in {elapsed:.0f} s "
         f"(loss {result.last_metrics.get('loss', float('nan')):.3f})", flush=True)
-  return result
+  return result, elapsed
+
+
+def checkpoint_steps(workdir: Path) -> list[int]:
+  root = workdir / "train" / "checkpoints"
+  steps = sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) if root.is_dir() else []
+  if not steps:
+    raise RuntimeError(f"no training checkpoint under {root}")
+  return steps
+
+
+def restore_params(config, workdir: Path, step: int):
+  from molmo_jax.models.molmo import abstract_params
+  from molmo_jax.training.checkpoint import restore_params_only
+  from molmo_jax.training.loop import build_model_config
+  model_cfg = build_model_config(config.model)
+  params = restore_params_only(workdir / "train" / "checkpoints" / str(step), abstract_params(model_cfg))
+  return model_cfg, params
 
 
 def export_model(config, workdir: Path, tokenizer_dir: Path) -> Path:
   """Final training checkpoint -> <workdir>/model (params, config.json, tokenizer/)."""
-  from molmo_jax.models.molmo import abstract_params
-  from molmo_jax.training.checkpoint import restore_params_only, save_model_checkpoint
-  from molmo_jax.training.loop import build_model_config
-  model_cfg = build_model_config(config.model)
-  steps = sorted(int(p.name) for p in (workdir / "train" / "checkpoints").iterdir() if p.name.isdigit())
-  if not steps:
-    raise RuntimeError(f"no training checkpoint under {workdir / 'train' / 'checkpoints'}")
-  params = restore_params_only(workdir / "train" / "checkpoints" / str(steps[-1]),
-                               abstract_params(model_cfg))
+  from molmo_jax.training.checkpoint import save_model_checkpoint
+  step = checkpoint_steps(workdir)[-1]
+  model_cfg, params = restore_params(config, workdir, step)
   out = save_model_checkpoint(workdir / "model", params, model_cfg, tokenizer_dir, overwrite=True)
-  print(f"[demo] model directory (step {steps[-1]}) -> {out}", flush=True)
+  print(f"[demo] model directory (step {step}) -> {out}", flush=True)
   return out
 
 
@@ -112,42 +141,123 @@ def chance_levels(num_examples: int, scene_config) -> dict[str, float]:
     f1.append(pointing_metrics(text, item["points"], item["masks"], (w, h))["f1"])
     if k:
       with_objects.append(f1[-1])
-  return {"count_accuracy": float(np.mean([t == majority for t in truth])), "pointing_f1": float(np.mean(f1)),
+  several = [t == majority for t in truth if t >= 2]
+  return {"count_accuracy": float(np.mean([t == majority for t in truth])),
+          "count_accuracy_2_or_more": float(np.mean(several)) if several else float("nan"),
+          "pointing_f1": float(np.mean(f1)),
           "pointing_f1_with_objects": float(np.mean(with_objects)) if with_objects else float("nan")}
 
 
-def evaluate_demo(predictor, workdir: Path, tag: str, args, scene_config) -> dict[str, float]:
+def evaluate_demo(predictor, out_dir: Path, tag: str, limit: int, batch_size: int, scene_config,
+                  quiet: bool = False) -> dict[str, float]:
+  """Counting accuracy and pointing F1 (overall, on scenes with / without the asked-for kind,
+  counting accuracy per true count) with the `eval.py` runner; predictions go to `out_dir`."""
   import shutil
   from molmo_jax.evals.runner import evaluate
   out = {}
   # Each run exports a new model; the runner refuses to resume another model's predictions, so
   # the demo starts its own evaluation folders afresh.
-  shutil.rmtree(workdir / f"eval-{tag}", ignore_errors=True)
+  shutil.rmtree(out_dir, ignore_errors=True)
   for task, key, metric in (("synthetic_count", "count_accuracy", "correct"),
                             ("synthetic_points", "pointing_f1", "f1")):
     start = time.time()
-    metrics = evaluate(predictor, task, limit=args.eval_examples, output_dir=workdir / f"eval-{tag}",
-                       batch_size=args.eval_batch, task_options={"config": scene_config})
+    metrics = evaluate(predictor, task, limit=limit, output_dir=out_dir, batch_size=batch_size,
+                       task_options={"config": scene_config}, progress=sys.stderr.isatty())
     out[key] = float(metrics[metric])
-    print(f"[demo] {tag:>8} {task}: {metric} = {out[key]:.3f} ({time.time() - start:.0f} s)", flush=True)
-    if "f1_with_objects" in metrics:
-      out["pointing_f1_with_objects"] = float(metrics["f1_with_objects"])
+    if not quiet:
+      print(f"[demo] {tag:>8} {task}: {metric} = {out[key]:.3f} ({time.time() - start:.0f} s)", flush=True)
+    for extra in ("f1_with_objects", "f1_without_objects"):
+      if extra in metrics:
+        out[f"pointing_{extra}"] = float(metrics[extra])
+    per_count = {k.removeprefix("correct_"): float(v) for k, v in metrics.items()
+                 if k.startswith("correct_") and k.removeprefix("correct_").isdigit()}
+    if per_count:
+      out["count_accuracy_per_count"] = per_count
+  rows = [json.loads(line) for line in (out_dir / "synthetic_count.predictions.jsonl").read_text().splitlines()]
+  several = [r["scores"]["correct"] for r in rows if r.get("scores") and r["targets"]["count"] >= 2]
+  if several:
+    out["count_accuracy_2_or_more"] = float(np.mean(several))
   return out
 
 
-def draw_examples(predictor, workdir: Path, count: int, scene_config) -> list[str]:
+def learning_curve(config, workdir: Path, tokenizer, args, scene_config) -> list[dict]:
+  """Scores every checkpoint kept during training on the first `--curve-examples` scenes."""
+  from molmo_jax.predictor import Predictor
+  points = []
+  for step in checkpoint_steps(workdir):
+    start = time.time()
+    model_cfg, params = restore_params(config, workdir, step)
+    predictor = Predictor(model_cfg, params, tokenizer)
+    scores = evaluate_demo(predictor, workdir / "curve" / f"step-{step}", "curve", args.curve_examples,
+                           args.eval_batch, scene_config, quiet=True)
+    points.append({"step": step, **{k: v for k, v in scores.items() if not isinstance(v, dict)}})
+    print(f"[demo] curve: step {step:>5}  counting {scores['count_accuracy']:.3f}  pointing F1 "
+          f"{scores['pointing_f1']:.3f}  F1 with objects {scores.get('pointing_f1_with_objects', float('nan')):.3f}"
+          f"  ({args.curve_examples} scenes per task, {time.time() - start:.0f} s)", flush=True)
+  return points
+
+
+def training_losses(workdir: Path) -> tuple[list[int], list[float]]:
+  """(steps, losses) from the training run's metrics.jsonl (the last record of a step wins)."""
+  path = workdir / "train" / "metrics.jsonl"
+  by_step: dict[int, float] = {}
+  if path.is_file():
+    for line in path.read_text().splitlines():
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError:       # a line cut short by a crash
+        continue
+      if "loss" in record and "step" in record:
+        by_step[int(record["step"])] = float(record["loss"])
+  steps = sorted(by_step)
+  return steps, [by_step[s] for s in steps]
+
+
+def draw_learning_curve(workdir: Path, curve: list[dict], chance: dict[str, float]) -> Path:
+  from molmo_jax import plots
+  steps, losses = training_losses(workdir)
+  x = [p["step"] for p in curve]
+  score = lambda key: [p.get(key, float("nan")) for p in curve]
+  panels = [
+      plots.Panel("training loss (answer tokens)", {"loss": (steps, losses)}),
+      plots.Panel("held-out scenes", {
+          "counting accuracy": (x, score("count_accuracy")),
+          "pointing F1": (x, score("pointing_f1")),
+          "F1, scenes with objects": (x, score("pointing_f1_with_objects"))}, y_range=(0.0, 1.0)),
+  ]
+  path = workdir / "learning_curve.png"
+  plots.learning_curve(panels, path, title=f"demo run: loss and held-out scores (chance: counting "
+                       f"{chance['count_accuracy']:.2f}, F1 with objects {chance['pointing_f1_with_objects']:.2f})")
+  return path
+
+
+def draw_contact_sheet(workdir: Path, count: int, scene_config) -> Path:
+  """Held-out scenes from the final evaluation's predictions (half counting, half pointing)."""
+  from molmo_jax import plots
   from molmo_jax.data.synthetic import SyntheticSource
   from molmo_jax.preprocess import points as points_lib
-  source = SyntheticSource(count, seed=0, config=scene_config, task="points", split="eval")
-  items = [source[i] for i in range(count)]
-  preds = predictor.predict([it["image"] for it in items], [it["messages"][0]["content"] for it in items])
-  paths = []
-  for i, (item, pred) in enumerate(zip(items, preds)):
-    path = workdir / f"points-{i}.png"
-    points_lib.draw_points(item["image"], pred.points, item["points"], out_path=path)
-    paths.append(str(path))
-    print(f"[demo] {path.name}: Q: {item['messages'][0]['content']!r}  A: {pred.text!r}", flush=True)
-  return paths
+  tiles = []
+  for task, n in (("count", (count + 1) // 2), ("points", count // 2)):
+    path = workdir / "eval-model" / f"synthetic_{task}.predictions.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()][:n]
+    source = SyntheticSource(len(rows), seed=0, config=scene_config, task=task, split="eval")
+    for row in rows:
+      item = source[int(row["id"])]
+      h, w = item["image"].shape[:2]
+      predicted = points_lib.parse_points(row["prediction"], (w, h))
+      scores = row.get("scores") or {}
+      if task == "count":
+        correct = bool(scores.get("correct"))
+        verdict = f"count: {'right' if correct else 'wrong'} (true {row['targets']['count']})"
+      else:
+        f1 = float(scores.get("f1", 0.0))
+        correct = f1 >= 0.999
+        verdict = f"pointing F1 {f1:.2f} ({len(item['points'])} true)"
+      tiles.append(plots.Tile(item["image"], item["messages"][0]["content"], row["prediction"],
+                              predicted, item["points"], verdict, correct))
+  path = workdir / "contact_sheet.png"
+  plots.contact_sheet(tiles, path, title="held-out scenes: predicted points filled, true points crosses")
+  return path
 
 
 def main(argv=None) -> int:
@@ -166,35 +276,49 @@ def main(argv=None) -> int:
   if args.batch is not None:
     overrides.append(f"batch={args.batch}")
   config = demo_config.get_config(",".join(overrides) or None)
+  # Keep the checkpoints the learning curve scores (evenly spaced, the last one is the final step).
+  steps = int(config.total_steps)
+  config.checkpoint.save_every = max(1, -(-steps // args.curve_evals)) if args.curve_evals else steps
+  config.checkpoint.keep = 0
+  config.log_every = max(1, min(int(config.log_every), steps // 20 or 1))
   scene_config = SyntheticConfig(**demo_config.DEMO_SCENES)
   tokenizer_dir = workdir / "tokenizer"
   save_demo_tokenizer(tokenizer_dir)
   config.tokenizer_dir = str(tokenizer_dir)
 
   started = time.time()
-  train_demo(config, workdir)
+  _, train_s = train_demo(config, workdir)
   model_dir = export_model(config, workdir, tokenizer_dir)
   predictor = Predictor.from_checkpoint(model_dir)
-  report = {"steps": int(config.total_steps), "batch": int(config.data.global_batch_size),
-            "eval_examples": args.eval_examples}
-  report["model"] = evaluate_demo(predictor, workdir, "model", args, scene_config)
+  report = {"steps": steps, "batch": int(config.data.global_batch_size),
+            "eval_examples": args.eval_examples, "train_time_s": round(train_s, 1)}
+  report["model"] = evaluate_demo(predictor, workdir / "eval-model", "model", args.eval_examples,
+                                  args.eval_batch, scene_config)
   report["chance"] = chance_levels(args.eval_examples, scene_config)
   if not args.skip_ablation:
     ablated = Predictor(predictor.config, zero_image_features(predictor.params), predictor.tokenizer)
-    report["no_image_features"] = evaluate_demo(ablated, workdir, "ablation", args, scene_config)
-  report["pictures"] = draw_examples(predictor, workdir, args.pictures, scene_config)
+    report["no_image_features"] = evaluate_demo(ablated, workdir / "eval-ablation", "ablation",
+                                                args.eval_examples, args.eval_batch, scene_config)
+  report["curve_examples"] = args.curve_examples
+  report["curve"] = learning_curve(config, workdir, predictor.tokenizer, args, scene_config)
+  loss_steps, losses = training_losses(workdir)
+  report["train_loss"] = {"steps": loss_steps, "loss": [round(v, 5) for v in losses]}
+  report["learning_curve"] = str(draw_learning_curve(workdir, report["curve"], report["chance"]))
+  report["contact_sheet"] = str(draw_contact_sheet(workdir, args.sheet, scene_config))
   report["wall_time_s"] = round(time.time() - started, 1)
   (workdir / "metrics.json").write_text(json.dumps(report, indent=2))
 
   rows = [("model", report["model"]), ("chance", report["chance"])]
   if "no_image_features" in report:
     rows.append(("image features zeroed", report["no_image_features"]))
-  print("\n  held-out synthetic scenes       counting accuracy   pointing F1   F1, scenes with objects")
+  print("\n  held-out synthetic scenes       counting accuracy   (2-3 objects)   pointing F1   "
+        "F1, scenes with objects")
   for name, r in rows:
-    print(f"  {name:<30}  {r['count_accuracy']:>17.3f}   {r['pointing_f1']:>11.3f}   "
-          f"{r.get('pointing_f1_with_objects', float('nan')):>23.3f}")
-  print(f"\n  metrics: {workdir / 'metrics.json'}   pictures: {workdir}/points-*.png   "
-        f"wall time {report['wall_time_s']:.0f} s")
+    print(f"  {name:<30}  {r['count_accuracy']:>17.3f}   {r.get('count_accuracy_2_or_more', float('nan')):>13.3f}"
+          f"   {r['pointing_f1']:>11.3f}   {r.get('pointing_f1_with_objects', float('nan')):>23.3f}")
+  print(f"\n  metrics: {workdir / 'metrics.json'}\n  contact sheet: {report['contact_sheet']}\n"
+        f"  learning curve: {report['learning_curve']}\n  wall time {report['wall_time_s']:.0f} s "
+        f"(training {train_s:.0f} s)")
   return 0
 
 

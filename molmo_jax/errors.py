@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import logging
 import os
 import signal
 import sys
@@ -67,6 +68,8 @@ _STORAGE_ERRNOS = frozenset(e for e in (
 _CORRUPT_MARKERS = ("DATA_LOSS", "Error reading", "Error decoding", "Unexpected end of",
                     "truncated", "Invalid chunk", "corrupt", "checksum", "Malformed",
                     "Failed to decode", "not a valid", "OUT_OF_RANGE")
+# Status prefixes of tensorstore errors about stored bytes (any tool reading a checkpoint).
+_TENSORSTORE_MARKERS = ("DATA_LOSS:", "OUT_OF_RANGE: Error reading", "Error reading", "Error decoding")
 
 
 class ToolError(Exception):
@@ -163,13 +166,20 @@ def classify(exc: BaseException) -> tuple[int, str]:
   for e in _chain(exc):
     if isinstance(e, ToolError):
       return e.exit_code, e.line()
+  for e in _chain(exc):
+    if any(marker in str(e) for marker in _TENSORSTORE_MARKERS):
+      return EXIT_STORAGE, (f"{_first_line(str(e))} (stored data truncated or corrupt; copy or "
+                            "convert it again)")
   if isinstance(exc, (FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError)):
     return EXIT_USAGE, _os_error_line(exc) if exc.filename else _first_line(str(exc))
   if isinstance(exc, OSError):
     return EXIT_STORAGE, _os_error_line(exc)
-  if isinstance(exc, (ValueError, KeyError)) and not isinstance(exc, UnicodeError):
+  # A bare KeyError('name') is a bug; one with a sentence describes bad data.
+  described_key = (isinstance(exc, KeyError) and exc.args and isinstance(exc.args[0], str)
+                   and " " in exc.args[0])
+  if (isinstance(exc, ValueError) and not isinstance(exc, UnicodeError)) or described_key:
     # The library's convention: ValueError names the field / file and what was expected.
-    message = _first_line(exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc))
+    message = _first_line(exc.args[0] if described_key else str(exc))
     return EXIT_USAGE, message or type(exc).__name__
   if isinstance(exc, UnicodeError):
     return EXIT_USAGE, _first_line(str(exc))
@@ -229,6 +239,18 @@ def run_main(main: Callable[[list[str]], int | None], argv: Sequence[str] | None
   """
   argv = list(sys.argv[1:] if argv is None else argv)
   debug = debug_requested(argv)
+  # Orbax logs a failing background write with its traceback (through absl), asyncio logs its
+  # failed tasks ("Task exception was never retrieved"), and tensorstore's callbacks print
+  # "Event loop is closed" once orbax's loop is gone: all repeat the exception the one-line report
+  # states, root cause first. Without --debug they are hidden, also while the process exits.
+  for name, quiet in _QUIET.items():
+    if debug:
+      logging.getLogger(name).removeFilter(quiet)
+    else:
+      logging.getLogger(name).addFilter(quiet)
+  if not debug and not getattr(sys.excepthook, "_molmo_quiet", False):
+    sys.excepthook = _skip_closed_loop(sys.excepthook)
+    sys.unraisablehook = _skip_closed_loop_unraisable(sys.unraisablehook)
   try:
     code = main(strip_debug(argv))
   except SystemExit as e:
@@ -240,6 +262,47 @@ def run_main(main: Callable[[list[str]], int | None], argv: Sequence[str] | None
     code = report(e, debug)
   sys.stdout.flush()
   return 0 if code is None else int(code)
+
+
+def _is_closed_loop(exc: BaseException | None) -> bool:
+  return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+
+
+def _skip_closed_loop(hook):
+  def excepthook(kind, value, tb):
+    if not _is_closed_loop(value):
+      hook(kind, value, tb)
+  excepthook._molmo_quiet = True
+  return excepthook
+
+
+def _skip_closed_loop_unraisable(hook):
+  def unraisablehook(info):
+    if not _is_closed_loop(info.exc_value):
+      hook(info)
+  return unraisablehook
+
+
+class _QuietLibraryErrors(logging.Filter):
+  """Drops library ERROR records (with their tracebacks) that duplicate the exception."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.levelno < logging.ERROR
+
+
+class _QuietStorageTasks(logging.Filter):
+  """Drops asyncio's reports of failed checkpoint-I/O tasks (other asyncio errors stay)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.levelno < logging.ERROR:
+      return True
+    exc = record.exc_info[1] if record.exc_info else None
+    text = f"{record.getMessage()} {exc or ''}"
+    storage = any(os.strerror(code) in text for code in _STORAGE_ERRNOS)
+    return not (storage or any(marker in text for marker in _TENSORSTORE_MARKERS + ("Error writing",)))
+
+
+_QUIET = {"absl": _QuietLibraryErrors(), "asyncio": _QuietStorageTasks()}
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -116,12 +116,12 @@ class _ScriptedRun:
   def __init__(self, scripts, rows, delay):
     self.scripts, self.rows, self.delay, self.index = scripts, rows, delay, 0
 
-  def step(self, done):
+  def step(self, done, remaining):
     time.sleep(self.delay)
-    out = np.full(self.rows, -1, np.int64)
+    out = np.full((self.rows, 1), -1, np.int64)
     for row, script in enumerate(self.scripts):
-      if not done[row]:
-        out[row] = script[min(self.index, len(script) - 1)]
+      if not done[row] and remaining[row] > 0:
+        out[row, 0] = script[min(self.index, len(script) - 1)]
     self.index += 1
     return out
 

@@ -242,3 +242,23 @@ def test_sincos2d_position_init_encodes_row_and_column():
   with pytest.raises(ValueError, match="divisible by 4"):
     VisionTransformer(C.VisionConfig(**{**vision.__dict__, "width": 18, "head_dim": 9})).init(
         jax.random.key(0), jnp.zeros((1, 16, 192)))
+
+
+def test_unrolled_layer_scans_give_the_same_logits_and_gradients(qwen2):
+  # scan_unroll changes the compiled loop only: same parameter tree, same numbers.
+  cfg, params, batch = qwen2
+  unrolled = cfg.replace(scan_unroll=cfg.llm.num_layers + 5)
+  shapes = lambda c: jax.tree.map(jnp.shape, jax.eval_shape(Molmo(c).init, jax.random.PRNGKey(0), batch))
+  assert shapes(unrolled) == shapes(cfg)
+
+  def loss_and_grads(c):
+    model = Molmo(c)
+    loss = lambda p: jnp.mean(jnp.square(model.apply({"params": p}, batch)[0]))
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+  (loss_a, grads_a), (loss_b, grads_b) = loss_and_grads(cfg), loss_and_grads(unrolled)
+  np.testing.assert_allclose(loss_b, loss_a, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b)):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="scan_unroll"):
+    Molmo(cfg.replace(scan_unroll=0)).init(jax.random.PRNGKey(0), batch)

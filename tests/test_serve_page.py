@@ -98,5 +98,13 @@ def test_page_uploads_asks_streams_and_draws_points(tmp_path):
       print(f"screenshot: {shot}")
       drawn = np.asarray(Image.open(shot).convert("RGB"))
       assert drawn.shape[0] > 300 and drawn.shape[1] > 400
+
+      # A refused request shows the server's error message instead of an answer.
+      page.evaluate("document.querySelector('details').open = true")
+      page.fill("#max-tokens", "100000")
+      page.click("#ask")
+      page.wait_for_function("document.getElementById('answer').classList.contains('error')")
+      assert "max_tokens must be between 1 and" in page.inner_text("#answer")
+      assert page.locator(".marker").count() == 0
     finally:
       context.close()

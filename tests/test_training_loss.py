@@ -161,3 +161,18 @@ def test_bad_shapes_name_the_input():
     loss_lib.token_cross_entropy(logits, jnp.zeros((2, 3), jnp.int32), jnp.ones((2, 4)))
   with pytest.raises(ValueError, match="integer"):
     loss_lib.token_cross_entropy(logits, jnp.zeros((2, 3)), jnp.ones((2, 3)))
+
+
+def test_accuracy_equals_argmax_accuracy_on_random_logits():
+  # The cheap form ("target logit reaches the row max") counts what argmax == target counts.
+  rng = np.random.default_rng(3)
+  logits = rng.standard_normal((3, 50, 17)).astype(np.float32)
+  targets = np.where(rng.random((3, 50)) < 0.35, logits.argmax(-1), rng.integers(0, 17, (3, 50)))
+  targets[0, :5] = -1
+  weights = rng.random((3, 50)).astype(np.float32)
+  _, metrics = loss_lib.token_cross_entropy(jnp.asarray(logits), jnp.asarray(targets, jnp.int32),
+                                            jnp.asarray(weights))
+  counted = targets >= 0
+  expected = (logits.argmax(-1) == targets)[counted].mean()
+  assert 0.2 < expected < 0.8
+  np.testing.assert_allclose(metrics["accuracy"], expected, rtol=1e-6)

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from molmo_jax.config import LLMConfig
 from molmo_jax.models import capture
 from molmo_jax.models.layers import (DecoderAttention, RMSNorm, SwiGLU, constrain, embedding_init,
-                                     kernel_init,
+                                     flat_dot, kernel_init, scan_unroll_steps,
                                      logical, maybe_remat)
 from molmo_jax.models.moe import MoEBlock
 
@@ -106,6 +106,7 @@ class Decoder(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   remat_policy: str = "none"
+  scan_unroll: int = 1             # layers per scan iteration (see MolmoConfig.scan_unroll)
 
   def setup(self):
     cfg = self.config
@@ -115,7 +116,8 @@ class Decoder(nn.Module):
     scanned = nn.scan(block, variable_axes={"params": 0, **captured},
                       split_rngs={"params": True, "dropout": True},
                       in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
-                      length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+                      length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"},
+                      unroll=scan_unroll_steps(self.scan_unroll, cfg.num_layers))
     self.blocks = scanned(cfg, self.dtype, self.param_dtype)
     self.final_norm = RMSNorm(cfg.norm_eps, self.dtype, self.param_dtype, axis_name="norm")
     self.lm_head = self.param("lm_head", logical(kernel_init(), ("embed", "vocab")),
@@ -138,8 +140,7 @@ class Decoder(nn.Module):
     capture.sow(self, "decoder_embeddings", x)
     x, (new_cache, aux) = self.blocks(x, positions, mask, response_mask, cache, cache_index)
     hidden = constrain(self.final_norm(x), ("activation_batch", "activation_length", "activation_embed"))
-    logits = jnp.einsum("btd,dv->btv", hidden, self.lm_head.astype(self.dtype),
-                        preferred_element_type=jnp.float32)
+    logits = flat_dot(hidden, self.lm_head.astype(self.dtype), preferred_element_type=jnp.float32)
     logits = constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
     aux = jax.tree.map(jnp.sum, aux)
     return logits, {"hidden": hidden, "cache": new_cache, "aux": aux}

@@ -11,6 +11,7 @@ compute dtype; the result is cast back to the compute dtype.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -59,6 +60,25 @@ BTNH = ("activation_batch", "activation_length", "activation_heads", "activation
 BTKH = ("activation_batch", "activation_length", "activation_kv_heads", "activation_head_dim")
 
 
+def flat_dot(x: Array, kernel: Array, contract: int = 1, preferred_element_type=None) -> Array:
+  """x [*batch, *in] . kernel [*in, *out] -> [*batch, *out], computed as one 2-D matmul.
+
+  The same sum as a dot_general over `contract` axes, but [prod(batch), prod(in)] @
+  [prod(in), prod(out)] (the reshapes are free row-major views). With 3-D activations XLA:CPU
+  computes the kernel gradient by contracting two axes and materialises transposed copies of
+  the output gradient around a slower matmul path; the 2-D form is a plain GEMM in both passes.
+  """
+  in_shape, out_shape = kernel.shape[:contract], kernel.shape[contract:]
+  if x.shape[x.ndim - contract:] != in_shape:
+    raise ValueError(f"flat_dot: input trailing shape {x.shape[x.ndim - contract:]} does not match "
+                     f"the kernel's input shape {in_shape}")
+  batch_shape = x.shape[:x.ndim - contract]
+  n_in, n_out = math.prod(in_shape), math.prod(out_shape)
+  y = jnp.dot(x.reshape(-1, n_in), kernel.reshape(n_in, n_out),
+              preferred_element_type=preferred_element_type)
+  return y.reshape(batch_shape + out_shape)
+
+
 class DenseGeneral(nn.Module):
   """y = x . kernel (+ bias), contracting the last `len(in_shape)` axes of x.
 
@@ -82,8 +102,7 @@ class DenseGeneral(nn.Module):
     out_axes = tuple(range(self.contract, self.contract + len(features)))
     kernel = self.param("kernel", logical(kernel_init(in_axes, out_axes), self.axes),
                         in_shape + features, self.param_dtype)
-    dims = (tuple(range(x.ndim - self.contract, x.ndim)), tuple(range(self.contract)))
-    y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (dims, ((), ())))
+    y = flat_dot(x.astype(self.dtype), kernel.astype(self.dtype), self.contract)
     if self.use_bias:
       bias = self.param("bias", logical(nn.initializers.zeros, self.axes[self.contract:]), features,
                         self.param_dtype)
@@ -306,3 +325,10 @@ def maybe_remat(module_cls, policy: str, static_argnums: tuple[int, ...] = ()):
     raise ValueError(f"remat_policy {policy!r} unknown; expected none or one of {sorted(REMAT_POLICIES)}")
   return nn.remat(module_cls, policy=REMAT_POLICIES[policy], prevent_cse=False,
                   static_argnums=static_argnums)
+
+
+def scan_unroll_steps(unroll: int, num_layers: int) -> int:
+  """`MolmoConfig.scan_unroll` as lax.scan's `unroll`: 1..num_layers (values above are clipped)."""
+  if not isinstance(unroll, int) or isinstance(unroll, bool) or unroll < 1:
+    raise ValueError(f"scan_unroll: expected an integer >= 1 (layers per scan iteration), got {unroll!r}")
+  return min(unroll, max(num_layers, 1))

@@ -81,9 +81,9 @@ class Molmo(nn.Module):
   def setup(self):
     cfg = self.config
     dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-    self.vision = VisionTransformer(cfg.vision, dtype, param_dtype, cfg.remat_policy)
+    self.vision = VisionTransformer(cfg.vision, dtype, param_dtype, cfg.remat_policy, cfg.scan_unroll)
     self.connector = Connector(cfg.vision, cfg.connector, cfg.llm.d_model, dtype, param_dtype)
-    self.llm = Decoder(cfg.llm, dtype, param_dtype, cfg.remat_policy)
+    self.llm = Decoder(cfg.llm, dtype, param_dtype, cfg.remat_policy, cfg.scan_unroll)
 
   def encode_images(self, images: Array, image_masks: Array) -> Array:
     """images [B, N, P, C], image_masks [B, N, P] -> features [B, N*Q, D]."""

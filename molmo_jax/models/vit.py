@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from molmo_jax.config import VisionConfig
 from molmo_jax.models import capture
 from molmo_jax.models.layers import (BTD, BTF, DenseGeneral, LayerNorm, MultiHeadAttention, constrain,
-                                     embedding_init, logical, maybe_remat)
+                                     embedding_init, logical, maybe_remat, scan_unroll_steps)
 
 Array = jax.Array
 
@@ -88,6 +88,7 @@ class VisionTransformer(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   remat_policy: str = "none"
+  scan_unroll: int = 1             # blocks per scan iteration (see MolmoConfig.scan_unroll)
 
   @nn.compact
   def __call__(self, patches: Array) -> tuple[Array, ...]:
@@ -117,7 +118,8 @@ class VisionTransformer(nn.Module):
 
     block = maybe_remat(VitBlock, self.remat_policy)
     blocks = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                     length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+                     length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"},
+                     unroll=scan_unroll_steps(self.scan_unroll, cfg.num_layers))
     _, hidden = blocks(cfg, self.dtype, self.param_dtype, name="blocks")(x, None)   # [L, B, S, D]
     selected = tuple(hidden[i] for i in cfg.resolved_layers())
     capture.sow(self, "vit_layers", hidden)

@@ -34,6 +34,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--batch-sizes", default=None,
                  help='row counts batches are padded to, e.g. "1,8,32" (each compiles once per '
                       'prompt-length bucket); default: powers of two up to --max-batch')
+  p.add_argument("--decode-chunk", type=int, default=8,
+                 help="tokens decoded per call into the compiled program (streamed together)")
   p.add_argument("--batch-wait-ms", type=float, default=10.0,
                  help="how long a request waits for others to batch with when the server is idle")
   p.add_argument("--queue-size", type=int, default=128,
@@ -53,7 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.error(f"--checkpoint {args.checkpoint}: not a model directory (no config.json)")
   if args.local_images is not None and not Path(args.local_images).is_dir():
     p.error(f"--local-images {args.local_images}: no such directory")
-  for name in ("port", "max_batch", "queue_size", "default_max_tokens", "max_tokens_limit",
+  for name in ("port", "max_batch", "decode_chunk", "queue_size", "default_max_tokens", "max_tokens_limit",
                "max_image_pixels"):
     if getattr(args, name) is not None and getattr(args, name) < 1:
       p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -97,7 +99,7 @@ def main(argv=None) -> int:
     raise errors.UserError("--mesh", str(e)) from e
   predictor = Predictor.from_checkpoint(args.checkpoint, dtype=args.dtype, mesh=mesh,
                                         max_crops=args.max_crops, resize_method=args.resize_method)
-  engine = BatchingEngine(ModelBackend(predictor), max_batch=args.max_batch,
+  engine = BatchingEngine(ModelBackend(predictor, decode_chunk=args.decode_chunk), max_batch=args.max_batch,
                           batch_wait_s=args.batch_wait_ms / 1000, queue_size=args.queue_size,
                           batch_sizes=args.batch_sizes).start()
   settings = ServeSettings(

@@ -38,14 +38,25 @@ class PreparedInput:
 
 
 class BatchRun(Protocol):
-  def step(self, done: np.ndarray) -> np.ndarray:
-    """Next token of every row [B] (pad where done[row])."""
+  def step(self, done: np.ndarray, remaining: np.ndarray) -> np.ndarray:
+    """The next tokens of every row, [B, k] with 1 <= k <= the run's chunk: a row stops inside
+    the chunk after EOS or after `remaining[row]` tokens, and is -1 from there (and where
+    done[row])."""
 
 
 class ModelBackend:
-  """Batches on the model of a `molmo_jax.predictor.Predictor`."""
+  """Batches on the model of a `molmo_jax.predictor.Predictor`.
 
-  def __init__(self, predictor: Any):
+  `decode_chunk` tokens are decoded per call into the compiled program (a `lax.while_loop` over
+  `decode_step`, as in `generate`): one call per token would spend more time dispatching than
+  computing on small models, while chunks of a few tokens still stream smoothly and let the
+  engine drop cancelled rows between chunks.
+  """
+
+  def __init__(self, predictor: Any, decode_chunk: int = 8):
+    if decode_chunk < 1:
+      raise ValueError(f"decode_chunk must be >= 1, got {decode_chunk}")
+    self.decode_chunk = decode_chunk
     self.predictor = predictor
     self.tokenizer = predictor.tokenizer
     self.config = predictor.config
@@ -110,14 +121,37 @@ class ModelBackend:
     return jax.jit(functools.partial(prefill, model=self.predictor.model, steps=steps))
 
   @functools.lru_cache(maxsize=16)
-  def _step_fn(self, sampling: SamplingConfig):
-    model = self.predictor.model
+  def _chunk_fn(self, sampling: SamplingConfig):
+    return jax.jit(functools.partial(decode_chunk, model=self.predictor.model, sampling=sampling,
+                                     chunk=self.decode_chunk), donate_argnums=(1,))
 
-    def step(params, state: DecodeState, slot, done, keys, index):
-      rngs = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, index)
-      return decode_step(params, state, slot, done, rngs, model=model, sampling=sampling)
 
-    return jax.jit(step, donate_argnums=(1,))
+def decode_chunk(params: Any, state: DecodeState, slot: jax.Array, index: jax.Array,
+                 done: jax.Array, remaining: jax.Array, keys: jax.Array, *, model: Any,
+                 sampling: SamplingConfig, chunk: int) -> tuple[DecodeState, jax.Array, jax.Array]:
+  """Up to `chunk` decode steps from cache slot `slot` (= T + tokens so far, `index`): tokens
+  [B, chunk], -1 once a row is done (EOS, its `remaining` budget [B] used up, or done [B] on
+  entry), and the number of steps run. Row r's step i draws with fold_in(keys[r], index + i), so
+  sampling does not depend on the batch or the chunking."""
+  eos = -1 if sampling.eos_id is None else sampling.eos_id
+  tokens = jnp.full((done.shape[0], chunk), -1, jnp.int32)
+
+  def cond(loop):
+    i, _, _, done, _ = loop
+    return (i < chunk) & ~jnp.all(done)
+
+  def body(loop):
+    i, state, tokens, done, remaining = loop
+    rngs = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, index + i)
+    state, token = decode_step(params, state, slot + i, done, rngs, model=model, sampling=sampling)
+    token = jnp.where(done, -1, token)
+    remaining = remaining - (~done).astype(jnp.int32)
+    done = done | (token == eos) | (remaining <= 0)
+    return i + 1, state, tokens.at[:, i].set(token), done, remaining
+
+  steps, state, tokens, _, _ = jax.lax.while_loop(
+      cond, body, (jnp.int32(0), state, tokens, done, remaining))
+  return state, tokens, steps
 
 
 class _ModelRun:
@@ -143,10 +177,11 @@ class _ModelRun:
       return contextlib.nullcontext()
     return sharding.activate(self.backend.mesh)
 
-  def step(self, done: np.ndarray) -> np.ndarray:
+  def step(self, done: np.ndarray, remaining: np.ndarray) -> np.ndarray:
     with self._context():
-      self.state, token = self.backend._step_fn(self.sampling)(
-          self.params, self.state, jnp.int32(self.prompt_length + self.index), jnp.asarray(done),
-          self.keys, jnp.int32(self.index))
-    self.index += 1
-    return np.asarray(jax.device_get(token))
+      self.state, tokens, steps = self.backend._chunk_fn(self.sampling)(
+          self.params, self.state, jnp.int32(self.prompt_length + self.index),
+          jnp.int32(self.index), jnp.asarray(done), jnp.asarray(remaining, jnp.int32), self.keys)
+      tokens, steps = jax.device_get((tokens, steps))
+    self.index += int(steps)
+    return np.asarray(tokens)[:, :max(int(steps), 1)]

@@ -291,7 +291,7 @@ class BatchingEngine:
     done = np.ones(rows, bool)
     done[:n] = False
     texts = [_RowText(tokenizer, job.stop) for job in jobs]
-    for _ in range(steps):
+    while True:
       now = time.monotonic()
       for row, job in enumerate(jobs):
         if done[row]:
@@ -305,21 +305,27 @@ class BatchingEngine:
           job.emit(Failed(timeout_error(job)))
       if done.all():
         break
-      tokens = run.step(done.copy())
-      self.stats["decode_steps"] += 1
+      remaining = np.array([job.max_tokens - len(texts[row].tokens) for row, job in enumerate(jobs)]
+                           + [0] * (rows - n))
+      chunk = run.step(done.copy(), remaining)
+      self.stats["decode_steps"] += chunk.shape[1]
       for row, job in enumerate(jobs):
-        if done[row]:
-          continue
-        token = int(tokens[row])
-        delta, stopped = texts[row].push(token)
-        if delta:
-          job.emit(Delta(delta))
-        if stopped or token == tokenizer.eos_id:
-          self._finish(job, texts[row], "stop")
-          done[row] = True
-        elif len(texts[row].tokens) >= job.max_tokens:
+        if not done[row] and chunk[row, 0] < 0:   # never expected; guards against a stuck loop
           self._finish(job, texts[row], "length")
           done[row] = True
+        for token in chunk[row]:
+          if done[row] or token < 0:
+            break
+          token = int(token)
+          delta, stopped = texts[row].push(token)
+          if delta:
+            job.emit(Delta(delta))
+          if stopped or token == tokenizer.eos_id:
+            self._finish(job, texts[row], "stop")
+            done[row] = True
+          elif len(texts[row].tokens) >= job.max_tokens:
+            self._finish(job, texts[row], "length")
+            done[row] = True
     _log.debug("batch of %d (%d rows, %d steps) in %.3f s", n, rows, steps, time.monotonic() - started)
 
   def _finish(self, job: Job, text: _RowText, reason: str) -> None:

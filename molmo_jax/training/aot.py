@@ -23,6 +23,7 @@ import jax
 import numpy as np
 
 from molmo_jax import sharding as sharding_lib
+from molmo_jax.errors import UserError
 
 GiB = 1024 ** 3
 # Per-chip HBM in bytes (public spec sheets); the compiler's own limit is reported when it fails.
@@ -83,9 +84,10 @@ def topology_devices(name: str) -> list:
     raise RuntimeError(f"jax.experimental.topologies unavailable: {e}") from None
   try:
     topo = topologies.get_topology_desc(platform="tpu", topology_name=name)
-  except Exception as e:
-    raise RuntimeError(f"cannot describe TPU topology {name!r} ({type(e).__name__}: {e}); is "
-                       f"libtpu installed? pip install -e '.[tpu]'") from None
+  except Exception as e:  # noqa: BLE001 - any failure here means no usable libtpu
+    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise UserError(f"--topology {name}", f"cannot describe this TPU slice ({reason})",
+                    "is libtpu installed? pip install -e '.[tpu]'") from None
   return list(topo.devices)
 
 

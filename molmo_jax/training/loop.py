@@ -31,7 +31,6 @@ import logging
 import math
 import os
 import signal
-import threading
 import time
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -41,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from molmo_jax import config as model_config_lib
+from molmo_jax import errors
 from molmo_jax import sharding as sharding_lib
 from molmo_jax.config import MolmoConfig
 from molmo_jax.models.molmo import Molmo
@@ -103,7 +103,8 @@ def initialize_distributed(dist: Mapping[str, Any]) -> None:
 
 def build_model_config(model: Mapping[str, Any], init_from: str = "") -> MolmoConfig:
   """MolmoConfig from `config.model`: a preset or tiny-<family> name, else init_from's config.json,
-  then the overrides in model.{dtype, param_dtype, remat_policy} and model.{llm, vision, ...}."""
+  then the overrides in model.{dtype, param_dtype, remat_policy, scan_unroll} and
+  model.{llm, vision, ...}."""
   name = model.get("name") or ""
   if name.startswith("tiny-"):
     cfg = model_config_lib.tiny(name[len("tiny-"):])
@@ -117,7 +118,7 @@ def build_model_config(model: Mapping[str, Any], init_from: str = "") -> MolmoCo
   else:
     raise ValueError("config.model.name: give a preset (e.g. molmo-7b-d), tiny-<family>, or set "
                      "init_from to a converted model directory")
-  top = {k: model[k] for k in ("dtype", "param_dtype", "remat_policy") if model.get(k)}
+  top = {k: model[k] for k in ("dtype", "param_dtype", "remat_policy", "scan_unroll") if model.get(k)}
   for section in _MODEL_SECTIONS:
     overrides = dict(model.get(section) or {})
     if not overrides:
@@ -155,36 +156,20 @@ def data_config(data: Mapping[str, Any]):
   return DataConfig.from_dict(data)
 
 
-class StopRequest:
+class StopRequest(errors.DeferredInterrupt):
   """Turns SIGTERM/SIGINT into a flag the loop polls; a second SIGINT raises KeyboardInterrupt."""
 
-  def __init__(self):
-    self.received: int | None = None
-    self._previous: dict[int, Any] = {}
-
-  def _handle(self, signum, frame):
-    del frame
-    if self.received == signal.SIGINT and signum == signal.SIGINT:
-      raise KeyboardInterrupt
-    self.received = signum      # only a flag: the loop reports it (no I/O inside the handler)
-
-  def __enter__(self) -> "StopRequest":
-    if threading.current_thread() is threading.main_thread():
-      for signum in (signal.SIGTERM, signal.SIGINT):
-        self._previous[signum] = signal.signal(signum, self._handle)
-    return self
-
-  def __exit__(self, *exc) -> None:
-    for signum, handler in self._previous.items():
-      signal.signal(signum, handler)
-
   def agreed(self) -> bool:
-    """True on every process when any process was signalled (all must save the same step)."""
-    local = self.received is not None
-    if jax.process_count() == 1:
-      return local
-    from jax.experimental import multihost_utils
-    return bool(np.max(multihost_utils.process_allgather(np.int32(local))))
+    return stop_agreed(self)
+
+
+def stop_agreed(stop: errors.DeferredInterrupt) -> bool:
+  """True on every process when any process was signalled (all must save the same step)."""
+  local = stop.received is not None
+  if jax.process_count() == 1:
+    return local
+  from jax.experimental import multihost_utils
+  return bool(np.max(multihost_utils.process_allgather(np.int32(local))))
 
 
 class MetricsLogger:
@@ -337,7 +322,7 @@ def configure_jax(config: Any) -> None:
 
 
 def train(config: Any, workdir: str | os.PathLike, data_iterator: Any = None,
-          stop: StopRequest | None = None) -> RunResult:
+          stop: errors.DeferredInterrupt | None = None) -> RunResult:
   """Runs (or resumes) the job `config` describes in `workdir`; see the module docstring.
 
   data_iterator: optional replacement for the configured input pipeline: an iterator of local
@@ -352,7 +337,8 @@ def train(config: Any, workdir: str | os.PathLike, data_iterator: Any = None,
     return _train(config, workdir, data_iterator, stop, stack)
 
 
-def _train(config: Any, workdir: str | os.PathLike, data_iterator: Any, stop: StopRequest,
+def _train(config: Any, workdir: str | os.PathLike, data_iterator: Any,
+           stop: errors.DeferredInterrupt,
            stack: contextlib.ExitStack) -> RunResult:
   initialize_distributed(config.get("distributed") or {})
   configure_jax(config)
@@ -412,7 +398,7 @@ def _train(config: Any, workdir: str | os.PathLike, data_iterator: Any, stop: St
 
 def _run_steps(config, state, step_fn, data_iter: Iterator, mesh, ckpt: TrainCheckpointer,
                logger: MetricsLogger, throughput: _Throughput, profiler: Profiler,
-               stop: StopRequest, total_steps: int) -> RunResult:
+               stop: errors.DeferredInterrupt, total_steps: int) -> RunResult:
   step = int(jax.device_get(state.step))
   sleep = float(config.get("debug_step_sleep_s") or 0.0)
   pending: _Pending | None = None
@@ -426,8 +412,8 @@ def _run_steps(config, state, step_fn, data_iter: Iterator, mesh, ckpt: TrainChe
     return values
 
   throughput.start()
-  stopped = stop.agreed()
-  if stopped:      # signalled during start-up: nothing new to save, the workdir is as it was
+  stopped = stop_agreed(stop)
+  if stopped:      # signalled during start-up: no step ran, nothing new to save
     why = signal.Signals(stop.received).name if stop.received else "another process's signal"
     _log.warning("%s before the first step: stopped at step %d; rerun the same command to resume",
                  why, step)
@@ -443,7 +429,7 @@ def _run_steps(config, state, step_fn, data_iter: Iterator, mesh, ckpt: TrainChe
     pending = _Pending(step, metrics)
     if sleep:
       time.sleep(sleep)
-    stopped = stop.agreed()
+    stopped = stop_agreed(stop)
     if stopped or step == total_steps or ckpt.should_save(step):
       last = report(pending)         # a checkpoint is written only after its step checked out
       pending = None
