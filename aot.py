@@ -1,12 +1,13 @@
-"""Compile the real train step for a TPU slice on this (TPU-less) machine and report per-chip memory.
+r"""Compile the real train step for a TPU slice on this (TPU-less) machine and report per-chip memory.
 
   python aot.py --config configs/finetune_multitask.py:molmo-72b --topology v5p:8x8x4 \
-      [--config.mesh.fsdp=-1 --config.model.remat_policy=full ...] [--json report.json]
+      [--config.mesh.fsdp=-1 --config.model.remat_policy=full ...] [--json > report.json]
 
-Needs libtpu (`pip install -e '.[tpu]'`); JAX itself stays on the CPU. Prints the mesh, per-chip
-memory from the compiled executable (arguments, outputs, temporaries, total vs HBM), the analytic
-model FLOPs per step and the parameter sharding per PartitionSpec. Exit status 0 when the step
-fits, 3 when XLA reports it does not fit in HBM, 2 for usage errors (libtpu missing included).
+--config takes a training recipe exactly as train.py does (same overrides). Needs libtpu
+(`pip install -e '.[tpu]'`); JAX itself stays on the CPU. Prints the mesh, per-chip memory from
+the compiled executable (arguments, outputs, temporaries, total vs HBM), the analytic model FLOPs
+per step and the parameter sharding per PartitionSpec. Exit status 0 when the step fits, 3 when
+XLA reports it does not fit in HBM, 2 for usage errors.
 """
 
 from __future__ import annotations
@@ -14,44 +15,47 @@ from __future__ import annotations
 import json
 import sys
 
-from molmo_jax import errors
+from absl import flags
+
+from molmo_jax import config_cli, errors
+
+FLAGS = flags.FlagValues()
+CONFIG = config_cli.define_config(FLAGS)
+TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice GENERATION:AxB[xC], e.g. v5p:8x8x4, "
+                               "v6e:16x16, v4:4x4x4, v5e:8x8", flag_values=FLAGS)
+JSON = flags.DEFINE_boolean("json", False, "print the report as JSON on stdout instead of text",
+                            flag_values=FLAGS)
+SHOW_SHARDING = flags.DEFINE_boolean("show-sharding", False, "list every parameter's sharding "
+                                     "(default: three per PartitionSpec)", flag_values=FLAGS)
 
 
-def main(argv=None) -> int:
-  import train as train_cli
+def main(argv: list[str] | None = None) -> int:
+  argv = sys.argv if argv is None else ["aot.py", *argv]
   from molmo_jax.training import aot
-
-  p = errors.ArgumentParser(prog="python aot.py", description=__doc__)
-  p.add_argument("--config", required=True, help="config file[:arg] as for train.py")
-  p.add_argument("--topology", required=True, help="e.g. v5p:8x8x4, v6e:16x16, v4:4x4x4, v5e:8x8")
-  p.add_argument("--json", default=None, help="write the report as JSON here")
-  p.add_argument("--show-sharding", action="store_true", help="list every parameter's sharding")
-  args, overrides = p.parse_known_args(argv)
   try:
-    config = train_cli.load_config_file(args.config)
-    for item in overrides:
-      if not item.startswith("--config.") or "=" not in item:
-        raise train_cli.UsageError(f"unexpected argument {item!r}; overrides look like --config.a.b=VALUE")
-      key, _, value = item[len("--config."):].partition("=")
-      train_cli.apply_override(config, key, value)
-    aot.parse_topology(args.topology)
-    if args.json:
-      errors.writable_output(args.json, "--json")
-  except (train_cli.UsageError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
+    config_cli.parse(argv, "aot.py", __doc__, [CONFIG, TOPOLOGY, JSON, SHOW_SHARDING], FLAGS)
+    config_cli.require([CONFIG, TOPOLOGY])
+    aot.parse_topology(TOPOLOGY.value)
+  except (config_cli.UsageError, ValueError) as e:
+    print(f"error: aot.py: {e}", file=sys.stderr)
     return errors.EXIT_USAGE
-  report = aot.compile_train_step(config, args.topology)
+  report = aot.compile_train_step(CONFIG.value, TOPOLOGY.value)
+  if JSON.value:
+    print(json.dumps(report.to_json(), indent=2))
+    return 0 if report.fits else errors.EXIT_DOES_NOT_FIT
   print(aot.format_report(report))
   groups = aot.sharding_by_logical_axis(report)
   print("  parameter sharding (PartitionSpec: parameters)")
   for spec, paths in sorted(groups.items(), key=lambda kv: -len(kv[1])):
-    shown = paths if args.show_sharding else paths[:3] + (["..."] if len(paths) > 3 else [])
+    shown = paths if SHOW_SHARDING.value else paths[:3] + (["..."] if len(paths) > 3 else [])
     print(f"    {spec}: {len(paths)} -> {', '.join(shown)}")
-  if args.json:
-    with open(args.json, "w") as f:   # its folder was checked before compiling
-      json.dump(report.to_json(), f, indent=2)
   return 0 if report.fits else errors.EXIT_DOES_NOT_FIT
 
 
+def run() -> None:
+  """Console entry point (`molmo-aot`)."""
+  sys.exit(errors.run_main(main, sys.argv[1:]))
+
+
 if __name__ == "__main__":
-  sys.exit(errors.run_main(main))
+  run()

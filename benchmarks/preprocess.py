@@ -1,4 +1,4 @@
-"""Image pre-processing throughput on one CPU core: JPEG decode + multi-crop (spec §1).
+"""Image pre-processing throughput on one CPU core: JPEG decode + multi-crop (the reference's olmo/data/model_preprocessor.py).
 
 Run:  .venv/bin/python benchmarks/preprocess.py [--repeats 40] [--out PATH]
       (default PATH: benchmarks/results/preprocess.json)

@@ -40,9 +40,9 @@ def mesh_for(model: str, chips: int) -> dict[str, int]:
 
 
 def compile_one(model: str, stage: str, topology: str, micro_batches: int = 1) -> dict:
-  import train as train_cli
+  from molmo_jax import experiment
   from molmo_jax.training import aot
-  config = train_cli.load_config_file(f"{ROOT / STAGES[stage]}:model={model}")
+  config = experiment.load_recipe(f"{ROOT / STAGES[stage]}:model={model}")
   config.micro_batches = micro_batches
   _, chips = aot.parse_topology(topology)
   mesh = mesh_for(model, chips)

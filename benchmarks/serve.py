@@ -64,7 +64,7 @@ def tiny_checkpoint(root: Path) -> Path:
   from molmo_jax import config as C
   from molmo_jax.data.demo_tokenizer import build_demo_tokenizer, save_demo_tokenizer
   from molmo_jax.models.molmo import Molmo, example_batch_shapes
-  from molmo_jax.training.checkpoint import save_model_checkpoint
+  from molmo_jax.model_dir import save_model_checkpoint
   cfg = C.tiny("qwen2", vocab_size=448, embedding_size=448)
   save_demo_tokenizer(root / "tokenizer", build_demo_tokenizer(vocab_size=448))
   batch = {k: jnp.zeros(v.shape, v.dtype) for k, v in example_batch_shapes(cfg).items()}

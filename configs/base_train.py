@@ -9,33 +9,75 @@ Field reference (all overridable with --config.<path>=value):
   model.remat_policy    none | full | dots | dots_no_batch | qkv_proj | minimal (scanned layers)
   model.scan_unroll     layers per iteration of the layer scans (1; >= layers unrolls: faster on CPU)
   model.{llm,vision,connector,preprocess}.<field>   any MolmoConfig field, e.g. dropout rates
-  init_from             model directory (converted checkpoint) whose params start the run; ignored
+                        (None = the preset's / init_from's value; recipes set them with .update)
+  init_from             model directory (converted checkpoint) or training workdir (its latest
+                        checkpoint) whose params start the run; ignored
                         once the workdir holds a checkpoint (the run then resumes from it)
   tokenizer_dir         tokenizer.json directory; default <init_from>/tokenizer
+  plugins               modules to import first: they register data source kinds, tokenizers,
+                        eval tasks (the demo's: molmo_jax.data.synthetic, ...data.demo_tokenizer)
   data.*                molmo_jax.data.pipeline.DataConfig; data.sources is {name: SourceConfig}
   optimizer.*           molmo_jax.training.optimizer.OptimizerConfig (total_steps comes from the top)
   micro_batches         gradient accumulation: the global batch runs as this many slices
   mesh.{data,fsdp,tensor,expert}   mesh axis sizes; one may be -1 (all remaining devices)
   checkpoint.{save_every,keep,async_save,replica_parallel}
+  export_model          write <workdir>/model/ when the run ends (finished or stopped by a signal)
   compilation_cache_dir persistent compilation cache (a restart after pre-emption skips compiling)
   profile.{start_step,num_steps}  jax.profiler trace window (start_step 0 = off)
+  preview.{every,num_examples,max_new_tokens,source}  pictures while training (TensorBoard)
   distributed.*         multi-host start-up (see molmo_jax.training.loop.initialize_distributed)
+
+Every field is listed with its value by `python train.py --config <recipe> --help`.
 """
 
+import dataclasses
+import types
+import typing
+
 import ml_collections
+
+from molmo_jax import config as model_config_lib
+
+_SECTIONS = {"llm": model_config_lib.LLMConfig, "vision": model_config_lib.VisionConfig,
+             "connector": model_config_lib.ConnectorConfig,
+             "preprocess": model_config_lib.PreprocessConfig}
+
+
+def _flag_type(annotation) -> type:
+  """The type a command-line override of a field is parsed as."""
+  origin = typing.get_origin(annotation)
+  if origin in (typing.Union, types.UnionType):
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return _flag_type(args[0]) if len(args) == 1 else object
+  if origin is typing.Literal:
+    return type(typing.get_args(annotation)[0])
+  if origin is tuple or annotation is tuple:
+    return tuple
+  return annotation if annotation in (int, float, bool, str) else object
+
+
+def model_section(name: str) -> ml_collections.ConfigDict:
+  """Every field of one MolmoConfig section, unset (None = keep the preset's value), typed so
+  that `--config.model.<name>.<field>=value` parses and misspelt fields are caught."""
+  cls = _SECTIONS[name]
+  hints = typing.get_type_hints(cls)
+  return ml_collections.ConfigDict({
+      f.name: ml_collections.FieldReference(None, field_type=_flag_type(hints[f.name]))
+      for f in dataclasses.fields(cls)})
 
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.model = ml_collections.ConfigDict(dict(
       name="", dtype="bfloat16", param_dtype="float32", remat_policy="full", scan_unroll=1,
-      llm={}, vision={}, connector={}, preprocess={}))
+      **{name: model_section(name) for name in _SECTIONS}))
+  c.plugins = ()                   # modules that register data source kinds, tokenizers, tasks
   c.init_from = ""
   c.tokenizer_dir = ""
-  c.seed = 6198                    # the reference's run seed (spec §8.3)
+  c.seed = 6198                    # the reference's run seed (the reference's launch_scripts/train_multitask_model.py and train_captioner.py)
   c.total_steps = 1000
   c.micro_batches = 1
-  c.z_loss_weight = 1e-4           # softmax_auxiliary_loss (spec §8.1)
+  c.z_loss_weight = 1e-4           # softmax_auxiliary_loss (the reference's olmo/train.py (loss))
 
   # AdamW per component, warmup from 0 then cosine to alpha_f * lr, per-component clip 1.0.
   c.optimizer = ml_collections.ConfigDict(dict(
@@ -45,7 +87,8 @@ def base_config() -> ml_collections.ConfigDict:
       b1=0.9, b2=0.95, eps=1e-6, weight_decay=0.0, max_grad_norm=1.0, alpha_f=0.1))
 
   c.data = ml_collections.ConfigDict(dict(
-      sources={}, group_rates={}, seq_len=2304, max_crops=None, global_batch_size=256, seed=0,
+      sources={}, group_rates={}, seq_len=2304,
+      max_crops=ml_collections.FieldReference(None, field_type=int), global_batch_size=256, seed=0,
       shuffle=True, on_overflow="drop", pack_conversations=True, max_conversations=0,
       root_subsegment_weighting=True, num_workers=8, prefetch=2))
 
@@ -54,9 +97,14 @@ def base_config() -> ml_collections.ConfigDict:
   # pods; on CPU hosts the first save stalls while it compiles a slice per array shape).
   c.checkpoint = ml_collections.ConfigDict(dict(save_every=1000, keep=3, async_save=True,
                                                 replica_parallel=True))
+  c.export_model = True            # write <workdir>/model/ (a model directory) when the run ends
   c.compilation_cache_dir = ""     # persistent XLA cache: restarts skip compiling the step
   c.log_every = 10
   c.tensorboard = True
+  # Every `every` steps (0 = off): answer the first `num_examples` examples of `source` (default:
+  # the first training source) and log images with points drawn + text to TensorBoard.
+  c.preview = ml_collections.ConfigDict(dict(every=0, num_examples=4, max_new_tokens=64,
+                                             source={}))
   c.profile = ml_collections.ConfigDict(dict(start_step=0, num_steps=5))
   c.distributed = ml_collections.ConfigDict(dict(
       initialize="auto", coordinator_address="", num_processes=1, process_id=0, cpu_collectives=""))

@@ -41,10 +41,10 @@ def get_config(arg: str | None = None):
   c.model.remat_policy = "none"
   # CPU: unrolled layer loops (3 ViT blocks, 3 decoder layers) skip the scans' stacked buffers.
   c.model.scan_unroll = 3
-  c.model.vision = dict(DEMO_MODEL["vision"])
-  c.model.connector = dict(DEMO_MODEL["connector"])
-  c.model.llm = dict(DEMO_MODEL["llm"])
-  c.model.preprocess = dict(DEMO_MODEL["preprocess"])
+  for section in ("vision", "connector", "llm", "preprocess"):
+    c.model[section].update(DEMO_MODEL[section])
+  # The synthetic source kind and the demo tokenizer register themselves on import.
+  c.plugins = ("molmo_jax.data.synthetic", "molmo_jax.data.demo_tokenizer")
   c.tokenizer_dir = "builtin:demo"
   c.seed = 0
   c.total_steps = int(args["steps"])

@@ -20,7 +20,7 @@ def get_config(arg: str | None = None):
   args = parse_arg(arg, {"model": "", "data": ""})
   c = base_config()
   c.model.name = ""                       # the architecture comes from init_from's config.json
-  c.model.llm = dict(residual_dropout=0.1, response_residual_dropout=0.0)
+  c.model.llm.update(residual_dropout=0.1, response_residual_dropout=0.0)
   c.init_from = args["model"]
   c.total_steps = 1000
   c.optimizer.connector = dict(learning_rate=5e-6, warmup_steps=50)

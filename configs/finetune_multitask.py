@@ -1,4 +1,4 @@
-"""Stage 2: multitask fine-tuning on the "3.2-synthetic" mixture (spec §8.3, right column).
+"""Stage 2: multitask fine-tuning on the "3.2-synthetic" mixture (the reference's launch_scripts/train_multitask_model.py and train_captioner.py, right column).
 
   python train.py --config configs/finetune_multitask.py:model=molmo-7b-d,data_root=/data \
       --workdir /ckpt/ft-7b-d \
@@ -78,7 +78,7 @@ def get_config(arg: str | None = None):
     raise ValueError(f"finetune_multitask: model {args['model']!r} unknown; expected one of {MODELS}")
   c = base_config()
   c.model.name = args["model"]
-  c.model.llm = dict(residual_dropout=0.1, response_residual_dropout=0.0)
+  c.model.llm.update(residual_dropout=0.1, response_residual_dropout=0.0)
   c.total_steps = 30_000
   c.optimizer.connector = dict(learning_rate=5e-6, warmup_steps=200)
   c.optimizer.vit = dict(learning_rate=5e-6, warmup_steps=200)

@@ -1,4 +1,4 @@
-"""Stage 1: dense captioning pre-training on PixMo-Cap (spec §8.3, left column).
+"""Stage 1: dense captioning pre-training on PixMo-Cap (the reference's launch_scripts/train_multitask_model.py and train_captioner.py, left column).
 
   python train.py --config configs/pretrain_captioner.py:molmo-7b-d --workdir /ckpt/cap-7b-d \
       --config.init_from=/ckpt/molmo-7b-d-initial \
@@ -33,7 +33,7 @@ def get_config(arg: str | None = None):
     raise ValueError(f"pretrain_captioner: model {args['model']!r} unknown; expected one of {MODELS}")
   c = base_config()
   c.model.name = args["model"]
-  c.model.llm = dict(residual_dropout=0.0, response_residual_dropout=0.1)
+  c.model.llm.update(residual_dropout=0.0, response_residual_dropout=0.1)
   c.total_steps = 4 * math.ceil(PIXMO_CAP_IMAGES / GLOBAL_BATCH)
   c.optimizer.connector = dict(learning_rate=2e-4, warmup_steps=200)
   c.optimizer.vit = dict(learning_rate=6e-6, warmup_steps=2000)

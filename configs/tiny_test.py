@@ -19,7 +19,9 @@ def get_config(arg: str | None = None):
   c.model.name = f"tiny-{args['family']}"
   c.model.dtype = "float32"
   c.model.remat_policy = "none"
-  c.model.llm = dict(vocab_size=512, embedding_size=512)
+  c.model.llm.update(vocab_size=512, embedding_size=512)
+  # The synthetic source kind and the demo tokenizer register themselves on import.
+  c.plugins = ("molmo_jax.data.synthetic", "molmo_jax.data.demo_tokenizer")
   c.tokenizer_dir = "builtin:demo"
   c.seed = 0
   c.total_steps = 30

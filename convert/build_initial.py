@@ -1,4 +1,4 @@
-"""Assemble an initial (untrained) Molmo from a CLIP directory and an LLM directory (spec §6.6).
+"""Assemble an initial (untrained) Molmo from a CLIP directory and an LLM directory (the reference's scripts/convert_hf_to_molmo.py).
 
   python -m convert.build_initial --clip DIR --llm DIR --out DIR [--preset molmo-7b-d]
 
@@ -36,9 +36,8 @@ from molmo_jax import config as C
 from molmo_jax import errors
 from molmo_jax.models.connector import Connector
 from molmo_jax.models.molmo import Molmo
+from molmo_jax.model_dir import check_tree_matches, path_name, save_model_checkpoint
 from molmo_jax.output_dirs import check_output_target, is_model_directory
-from molmo_jax.training.checkpoint import check_tree_matches, save_model_checkpoint
-from molmo_jax.training.optimizer import path_name
 
 INIT_STD = 0.02
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -189,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
                       help="keep every CLIP block (Molmo drops the last one)")
   parser.add_argument("--vocab-size", type=int, help="llm.vocab_size (padded tokenizer size)")
   parser.add_argument("--embedding-size", type=int, help="llm.embedding_size (>= HF vocab)")
-  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--seed", type=int, default=0, help="seed of the new (connector) weights")
   parser.add_argument("--overwrite", action="store_true",
                       help="replace --out if it is a model directory")
   parser.add_argument("--force", action="store_true", help="replace --out whatever it holds")
@@ -205,5 +204,10 @@ def main(argv: list[str] | None = None) -> None:
   print(f"wrote {out}")
 
 
-if __name__ == "__main__":
+def run() -> None:
+  """Console entry point (`molmo-build-initial`)."""
   sys.exit(errors.run_main(main))
+
+
+if __name__ == "__main__":
+  run()

@@ -1,4 +1,4 @@
-"""HF base components (CLIP, Qwen2, OLMo2, OLMoE) -> our parameter tree (spec §3.1, §5, §6.6).
+"""HF base components (CLIP, Qwen2, OLMo2, OLMoE) -> our parameter tree (the reference's olmo/image_vit.py (CLIP ViT-L/14-336); olmo/model.py (decoder blocks); scripts/convert_hf_to_molmo.py).
 
 Legend: L layers, E experts, D LLM width, H query heads, K kv heads, h head dim, F MLP width,
 V HF vocab rows, Dv ViT width, Hv/hv ViT heads/head dim, Fv ViT MLP width, p patch side.
@@ -69,7 +69,7 @@ def clip_vision_hf_config(hf: dict[str, Any]) -> dict[str, Any]:
 
 def vision_config_from_hf(hf: dict[str, Any], *, drop_last_layer: bool = True,
                           selected_layers: tuple[int, ...] | None = None) -> VisionConfig:
-  """VisionConfig of a CLIP tower. Molmo drops CLIP's last block (23 of 24 kept, spec §3.1)."""
+  """VisionConfig of a CLIP tower. Molmo drops CLIP's last block (23 of 24 kept, the reference's olmo/image_vit.py (CLIP ViT-L/14-336))."""
   v = clip_vision_hf_config(hf)
   act = v.get("hidden_act", "quick_gelu")
   if act not in _VIT_ACTIVATIONS:
@@ -224,7 +224,7 @@ def _vec(target: str, source: str, shape: tuple[int, ...]) -> Rule:
 
 
 def clip_rules(cfg: VisionConfig, prefix: str) -> list[Rule]:
-  """CLIP vision tower -> params["vision"] (spec §6.6)."""
+  """CLIP vision tower -> params["vision"] (the reference's scripts/convert_hf_to_molmo.py)."""
   dv, nh, hd, p = cfg.width, cfg.num_heads, cfg.head_dim, cfg.patch_size
   layer = prefix + "encoder.layers.{i}."
   rules = [
@@ -255,7 +255,7 @@ def clip_rules(cfg: VisionConfig, prefix: str) -> list[Rule]:
 
 def llm_rules(cfg: LLMConfig, family: str, hf_vocab: int,
               fused_experts: bool = False) -> list[Rule]:
-  """Qwen2 / OLMo2 / OLMoE -> params["llm"] (spec §6.6). New embedding rows are not in HF."""
+  """Qwen2 / OLMo2 / OLMoE -> params["llm"] (the reference's scripts/convert_hf_to_molmo.py). New embedding rows are not in HF."""
   d, h = cfg.d_model, cfg.head_dim
   heads, kv = cfg.num_heads, cfg.num_kv_heads
   layer = "model.layers.{i}."
@@ -278,7 +278,7 @@ def llm_rules(cfg: LLMConfig, family: str, hf_vocab: int,
               _vec("blocks/attention/k_norm/scale", layer + "self_attn.k_norm.weight",
                    (kv * h,))]
   if family == "olmo2":
-    # Post-norm: the norms act on the sub-layer outputs (spec pitfall 19).
+    # Post-norm: the norms act on the sub-layer outputs (norm_after=True in the reference's olmo/model.py).
     norms = ("post_attention_layernorm", "post_feedforward_layernorm")
   else:
     norms = ("input_layernorm", "post_attention_layernorm")
@@ -407,7 +407,7 @@ def convert_llm(directory: str | Path, cfg: LLMConfig, dtype: Any = np.float32,
   """A Qwen2 / OLMo2 / OLMoE directory -> params["llm"] without `embedding/new`.
 
   When cfg.embedding_size exceeds the HF vocabulary, the extra embedding rows are drawn from
-  N(0, 0.02) (Molmo may place special tokens there, spec pitfall 24) and the extra LM-head
+  N(0, 0.02) (Molmo may place special tokens there, its special-token ids vocab_size + k fall in those padding rows) and the extra LM-head
   columns are zero, so those ids get a constant logit instead of a random one.
   """
   hf = read_hf_config(directory)

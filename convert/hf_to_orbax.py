@@ -19,7 +19,7 @@ target removes such leftovers. OUT_DIR is never HF_DIR, a folder around it or in
 `--overwrite` replaces only a model directory (anything else needs `--force`), and only once the
 new one is complete (molmo_jax.output_dirs). Ctrl-C stops at the next block and removes the
 staging folder. Its layout is the one
-`molmo_jax.training.checkpoint.load_model_checkpoint` reads: `params/` is a standard Orbax PyTree
+`molmo_jax.model_dir.load_model_checkpoint` reads: `params/` is a standard Orbax PyTree
 checkpoint (OCDBT, zarr) whose leaves are recorded as numpy arrays, with one zarr chunk per block.
 """
 
@@ -48,7 +48,7 @@ from convert import release_config
 from convert.release_tables import (COPY, Rule, check_rules_match, hf_tensor_shapes, row_splittable,
                                     rules_for, to_ours, transpose)
 from convert.safetensors_io import INDEX_FILE, SafetensorsDir
-from molmo_jax import errors, output_dirs
+from molmo_jax import errors
 from molmo_jax.config import MolmoConfig
 from molmo_jax.errors import UserError
 from molmo_jax.output_dirs import check_output_target, is_model_directory, staged_directory
@@ -317,40 +317,34 @@ def convert_hf_to_orbax(hf_dir: str | Path, out_dir: str | Path, *, dtype: str =
   return out_dir
 
 
-def conversion_parser(module: str, doc: str, source: str, kind: str) -> errors.ArgumentParser:
-  """The command line both converters share: SOURCE OUT_DIR --dtype --overwrite --force;
-  `source` is "name: help"."""
-  parser = errors.ArgumentParser(prog=f"python -m {module}", description=doc)
-  parser.add_argument(source.split(":")[0], help=source.split(":", 1)[1].strip())
-  parser.add_argument("out_dir", help=f"{kind} to create")
-  parser.add_argument("--dtype", default="auto", choices=["auto", *OUT_DTYPES])
-  output_dirs.add_output_flags(parser, kind)
-  return parser
-
-
-def run_conversion(convert: Callable[..., Path], args, **options) -> tuple[Path, float]:
-  """convert(source, out_dir, dtype=, overwrite=, force=, check_interrupt=, **options) on the
-  CPU, Ctrl-C stopping it at the next block -> (output, seconds)."""
+def main(argv: list[str] | None = None) -> int:
+  parser = errors.ArgumentParser(prog="python -m convert.hf_to_orbax", description=__doc__)
+  parser.add_argument("hf_dir", help="released Molmo directory: config.json, *.safetensors, tokenizer")
+  parser.add_argument("out_dir", help="model directory to create")
+  parser.add_argument("--dtype", default="auto", choices=["auto", *OUT_DTYPES],
+                      help="dtype of the written parameters (auto: as stored)")
+  parser.add_argument("--name", default=None, help="MolmoConfig.name (default: preset or dir name)")
+  parser.add_argument("--overwrite", action="store_true",
+                      help="replace OUT_DIR if it is a model directory (after the new one is complete)")
+  parser.add_argument("--force", action="store_true",
+                      help="replace OUT_DIR whatever it holds (never the source or a folder around it)")
+  args = parser.parse_args(argv)
   jax.config.update("jax_platforms", "cpu")   # conversion needs no accelerator
   start = time.perf_counter()
   with errors.deferred_interrupt("conversion interrupted") as interrupt:
-    out = convert(*options.pop("paths"), dtype=args.dtype, overwrite=args.overwrite,
-                  force=args.force, check_interrupt=interrupt.check, **options)
-  return out, time.perf_counter() - start
-
-
-def main(argv: list[str] | None = None) -> int:
-  parser = conversion_parser(
-      "convert.hf_to_orbax", __doc__, "hf_dir: released Molmo directory: config.json, *.safetensors, "
-      "tokenizer", "model directory")
-  parser.add_argument("--name", default=None, help="MolmoConfig.name (default: preset or dir name)")
-  args = parser.parse_args(argv)
-  out, seconds = run_conversion(convert_hf_to_orbax, args, paths=(args.hf_dir, args.out_dir),
-                                name=args.name)
+    out = convert_hf_to_orbax(args.hf_dir, args.out_dir, dtype=args.dtype, name=args.name,
+                              overwrite=args.overwrite, force=args.force,
+                              check_interrupt=interrupt.check)
+  seconds = time.perf_counter() - start
   size = SafetensorsDir(args.hf_dir).total_bytes
   print(f"wrote {out} in {seconds:.1f} s ({size / 2**20 / seconds:.1f} MiB/s of safetensors read)")
   return 0
 
 
-if __name__ == "__main__":
+def run() -> None:
+  """Console entry point (`molmo-hf-to-orbax`)."""
   sys.exit(errors.run_main(main))
+
+
+if __name__ == "__main__":
+  run()

@@ -1,9 +1,10 @@
 """List a checkpoint's parameters without loading them.
 
-    python -m convert.inspect CKPT [--filter SUBSTRING]
+    python -m convert.inspect CKPT [--filter SUBSTRING] [--step N]
 
 CKPT is a HF release directory (safetensors headers are read), an Orbax model directory
-(`params/` + config.json) or an Orbax PyTree directory itself (zarr metadata is read). Prints one
+(`params/` + config.json), a training workdir (its latest checkpoint, or --step N) or an Orbax
+PyTree directory itself (zarr metadata is read). Prints one
 line per tensor (name, shape, dtype, size), per-component totals and the grand total.
 """
 
@@ -18,6 +19,7 @@ from pathlib import Path
 from convert.orbax_to_hf import OrbaxParams
 from convert.safetensors_io import INDEX_FILE, SafetensorsDir
 from molmo_jax import errors
+from molmo_jax.model_dir import absolute, is_training_workdir, locate_model
 
 _HF_COMPONENTS = (("model.vision_backbone.image_vit.", "vision"), ("model.vision_backbone.", "connector"),
                   ("model.transformer.", "llm"))
@@ -45,9 +47,14 @@ def _component(name: str) -> str:
   return name.split("/")[0] if "/" in name else "other"
 
 
-def describe(target: str | Path) -> tuple[str, list[tuple[str, tuple[int, ...], str, int]]]:
+def describe(target: str | Path, step: int | None = None
+             ) -> tuple[str, list[tuple[str, tuple[int, ...], str, int]]]:
   """(format description, rows of (name, shape, dtype, bytes))."""
-  target = Path(target)
+  target = absolute(target)
+  if is_training_workdir(target) or step is not None:
+    source = locate_model(target, step)
+    name = json.loads(source.config_path.read_text()).get("name", "?")
+    return f"training workdir, step {source.step} ({name})", _orbax_rows(source.params_dir)
   if (target / "params" / "_METADATA").is_file():
     config = json.loads((target / "config.json").read_text()) if (target / "config.json").is_file() else {}
     return f"Orbax model directory ({config.get('name', 'no config.json')})", _orbax_rows(target / "params")
@@ -70,10 +77,13 @@ def _human(nbytes: int) -> str:
 
 def main(argv: list[str] | None = None) -> None:
   parser = errors.ArgumentParser(prog="python -m convert.inspect", description=__doc__)
-  parser.add_argument("checkpoint")
+  parser.add_argument("checkpoint", help="HF release directory, model directory, training workdir "
+                      "or Orbax PyTree directory")
   parser.add_argument("--filter", default="", help="only tensors whose name contains this")
+  parser.add_argument("--step", type=int, default=None,
+                      help="training step when checkpoint is a training workdir (default: latest)")
   args = parser.parse_args(argv)
-  kind, rows = describe(args.checkpoint)
+  kind, rows = describe(args.checkpoint, args.step)
   rows = [r for r in rows if args.filter in r[0]]
   width = max((len(r[0]) for r in rows), default=10)
   print(f"{args.checkpoint}: {kind}")
@@ -95,5 +105,10 @@ def main(argv: list[str] | None = None) -> None:
   print(f"     total: {count} tensors, {params:,} parameters, {_human(nbytes)} ({mix})")
 
 
-if __name__ == "__main__":
+def run() -> None:
+  """Console entry point (`molmo-inspect`)."""
   sys.exit(errors.run_main(main))
+
+
+if __name__ == "__main__":
+  run()

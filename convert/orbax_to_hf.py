@@ -22,20 +22,20 @@ import json
 import math
 import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Callable
 
+import jax
 import numpy as np
 import tensorstore as ts
 
 from convert import release_config
-from convert.hf_to_orbax import (DEFAULT_BLOCK_BYTES, OUT_DTYPES, conversion_parser,
-                                 model_leaf_shapes, run_conversion)
+from convert.hf_to_orbax import DEFAULT_BLOCK_BYTES, OUT_DTYPES, model_leaf_shapes
 from convert.release_tables import COPY, Rule, fused_groups, row_splittable, rules_for, to_hf, transpose
 from convert.safetensors_io import DEFAULT_MAX_SHARD_BYTES, TensorSpec, write_sharded
 from molmo_jax import errors
-from molmo_jax.config import MolmoConfig
-from molmo_jax.errors import UserError
+from molmo_jax.model_dir import locate_model
 from molmo_jax.output_dirs import check_output_target, is_release_directory, staged_directory
 
 # Files of tokenizer/ that export regenerates from our config instead of copying.
@@ -169,27 +169,22 @@ def _export_dtype(requested: str, params: OrbaxParams) -> np.dtype:
 def convert_orbax_to_hf(model_dir: str | Path, out_dir: str | Path, *, dtype: str = "auto",
                         max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False,
                         force: bool = False, block_bytes: int = DEFAULT_BLOCK_BYTES,
-                        check_interrupt: Callable[[], None] | None = None) -> Path:
-  """Exports a model directory (params/, config.json, tokenizer/) as a Molmo release directory.
+                        check_interrupt: Callable[[], None] | None = None,
+                        step: int | None = None) -> Path:
+  """Exports a model directory (params/, config.json, tokenizer/) or a training workdir (its
+  latest checkpoint, or `step`) as a Molmo release directory.
 
   `overwrite` replaces an existing release directory, `force` anything (molmo_jax.output_dirs);
   the output may never be, contain or lie inside `model_dir`. `check_interrupt` is called between
   tensor pieces and may raise to stop cleanly (the staging folder is then removed).
   """
-  model_dir = Path(model_dir)
-  config_path = model_dir / "config.json"
-  if not model_dir.is_dir():
-    raise UserError(f"MODEL_DIR {model_dir}", "is not a directory",
-                    "give a model directory with params/ and config.json")
-  if not config_path.is_file():
-    raise UserError(f"MODEL_DIR {model_dir}", "no config.json; not a model directory",
-                    "give a directory written by convert.hf_to_orbax or train.py")
-  out_dir = check_output_target(out_dir, sources=[model_dir], overwrite=overwrite, force=force,
+  location = locate_model(model_dir, step)
+  out_dir = check_output_target(out_dir, sources=[location.path], overwrite=overwrite, force=force,
                                 kind="release (HF) directory", is_kind=is_release_directory,
                                 flag="OUT_DIR")
-  cfg = MolmoConfig.from_json(config_path.read_text())
-  params = OrbaxParams(model_dir / "params")
-  check_stored_tree(params, model_leaf_shapes(cfg), str(model_dir))
+  cfg = location.read_config()
+  params = OrbaxParams(location.params_dir)
+  check_stored_tree(params, model_leaf_shapes(cfg), location.describe())
   out_dtype = _export_dtype(dtype, params)
   hf_config = release_config.release_config_json(cfg, torch_dtype=out_dtype.name)
 
@@ -211,16 +206,16 @@ def convert_orbax_to_hf(model_dir: str | Path, out_dir: str | Path, *, dtype: st
         check_interrupt()
       yield piece
 
-  tokenizer = model_dir / "tokenizer"
+  tokenizer = location.tokenizer_dir
   with staged_directory(out_dir) as staging:
     write_sharded(staging, specs, pieces, max_shard_bytes)
     (staging / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     existing = None
-    if (tokenizer / "preprocessor_config.json").is_file():
+    if tokenizer is not None and (tokenizer / "preprocessor_config.json").is_file():
       existing = json.loads((tokenizer / "preprocessor_config.json").read_text())
     pre = release_config.preprocessor_config_json(cfg, existing)
     (staging / "preprocessor_config.json").write_text(json.dumps(pre, indent=2) + "\n")
-    if tokenizer.is_dir():
+    if tokenizer is not None:
       for path in sorted(tokenizer.iterdir()):
         if path.is_file() and path.name not in _GENERATED:
           shutil.copy2(path, staging / path.name)
@@ -228,19 +223,39 @@ def convert_orbax_to_hf(model_dir: str | Path, out_dir: str | Path, *, dtype: st
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = conversion_parser("convert.orbax_to_hf", __doc__,
-                             "model_dir: model directory: params/, config.json, tokenizer/",
-                             "release directory")
-  parser.add_argument("--max-shard-gb", type=float, default=DEFAULT_MAX_SHARD_BYTES / 1e9)
+  parser = errors.ArgumentParser(prog="python -m convert.orbax_to_hf", description=__doc__)
+  parser.add_argument("model_dir", help="model directory (params/, config.json, tokenizer/) or a "
+                      "training workdir (its latest checkpoint unless --step)")
+  parser.add_argument("out_dir", help="release directory to create")
+  parser.add_argument("--dtype", default="auto", choices=["auto", *OUT_DTYPES],
+                      help="dtype of the written tensors (auto: as stored)")
+  parser.add_argument("--max-shard-gb", type=float, default=DEFAULT_MAX_SHARD_BYTES / 1e9,
+                      help="largest safetensors file, in GB")
+  parser.add_argument("--step", type=int, default=None,
+                      help="training step when model_dir is a training workdir (default: latest)")
+  parser.add_argument("--overwrite", action="store_true",
+                      help="replace OUT_DIR if it is a release directory (after the new one is complete)")
+  parser.add_argument("--force", action="store_true",
+                      help="replace OUT_DIR whatever it holds (never the source or a folder around it)")
   args = parser.parse_args(argv)
   if not args.max_shard_gb > 0:
     parser.error(f"--max-shard-gb: expected > 0, got {args.max_shard_gb}")
-  out, seconds = run_conversion(convert_orbax_to_hf, args, paths=(args.model_dir, args.out_dir),
-                                max_shard_bytes=int(args.max_shard_gb * 1e9))
+  jax.config.update("jax_platforms", "cpu")   # conversion needs no accelerator
+  start = time.perf_counter()
+  with errors.deferred_interrupt("conversion interrupted") as interrupt:
+    out = convert_orbax_to_hf(args.model_dir, args.out_dir, dtype=args.dtype, step=args.step,
+                              max_shard_bytes=int(args.max_shard_gb * 1e9), overwrite=args.overwrite,
+                              force=args.force, check_interrupt=interrupt.check)
   total = json.loads((out / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
+  seconds = time.perf_counter() - start
   print(f"wrote {out} in {seconds:.1f} s ({total / 2**20 / seconds:.1f} MiB/s of safetensors written)")
   return 0
 
 
-if __name__ == "__main__":
+def run() -> None:
+  """Console entry point (`molmo-orbax-to-hf`)."""
   sys.exit(errors.run_main(main))
+
+
+if __name__ == "__main__":
+  run()

@@ -1,4 +1,4 @@
-"""config.json / preprocessor_config.json of the Molmo releases <-> MolmoConfig (spec §6.1, §6.2).
+"""config.json / preprocessor_config.json of the Molmo releases <-> MolmoConfig (the reference's olmo/hf_molmo.py (model settings); released config.json).
 
 Two schemas:
   dense ("molmo" remote code; 7B-D, 72B, 7B-O): HF-style LLM keys (hidden_size, intermediate_size

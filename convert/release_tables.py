@@ -1,4 +1,4 @@
-"""Tables of the released Molmo checkpoints: tensor names/shapes (spec §6.3, §6.4), config keys (§6.2).
+"""Tables of the released Molmo checkpoints: tensor names/shapes (the released safetensors names (olmo/hf_molmo.py); released fused tensor layouts (olmo/hf_molmo.py)), config keys (the released config.json).
 
 Legend: L LLM layers, Lv ViT layers, D LLM width, H/K query/kv heads, h head dim, F MLP width per
 SwiGLU branch, E experts, Fe expert width, V_emb pretrained embedding rows, A additional rows,
@@ -252,7 +252,7 @@ def check_rules_match(rules: list[Rule], ours_shapes: dict[str, tuple[int, ...]]
 
 
 # ------------------------------------------------------------------------------------------
-# config.json keys (spec §6.2). The remote code hard-codes the vision tower and connector; our
+# config.json keys (the released config.json). The remote code hard-codes the vision tower and connector; our
 # VisionConfig / ConnectorConfig / PreprocessConfig defaults are exactly those release values.
 # ------------------------------------------------------------------------------------------
 
@@ -327,7 +327,7 @@ IGNORED = frozenset({
     "system_prompt_kind", "torch_dtype", "transformers_version", "use_cache", "vit_load_path",
 })
 
-# The MolmoE-1B release's flat config.json (spec §6.2): the values export writes for every key
+# The MolmoE-1B release's flat config.json (the released config.json): the values export writes for every key
 # our config does not determine.
 FLAT_RELEASE = {
     "activation_type": "swiglu", "additional_vocab_size": 128, "alibi": False,

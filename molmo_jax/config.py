@@ -25,7 +25,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
-  """CLIP-style ViT (spec §3.1)."""
+  """CLIP-style ViT (the reference's olmo/image_vit.py (CLIP ViT-L/14-336))."""
 
   image_size: int = 336            # crop side in pixels
   patch_size: int = 14
@@ -75,7 +75,7 @@ class VisionConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ConnectorConfig:
-  """Vision-language connector (spec §4)."""
+  """Vision-language connector (the reference's olmo/model.py (vision backbone: pooling and projector))."""
 
   pooling: Literal["attention_meanq", "none"] = "attention_meanq"
   pool_height: int = 2
@@ -88,7 +88,7 @@ class ConnectorConfig:
 
 @dataclasses.dataclass(frozen=True)
 class LLMConfig:
-  """Decoder-only language model (spec §5). Dense (Qwen2, OLMo) or MoE (OLMoE)."""
+  """Decoder-only language model (the reference's olmo/model.py (decoder blocks)). Dense (Qwen2, OLMo) or MoE (OLMoE)."""
 
   num_layers: int = 28
   d_model: int = 3584
@@ -131,7 +131,7 @@ class LLMConfig:
 
 @dataclasses.dataclass(frozen=True)
 class PreprocessConfig:
-  """Image and text pre-processing constants (spec §1, §2). Tiny models change these freely."""
+  """Image and text pre-processing constants (the reference's olmo/data/model_preprocessor.py; olmo/data/model_preprocessor.py (token layout)). Tiny models change these freely."""
 
   crop_size: int = 336
   patch_size: int = 14
@@ -248,7 +248,7 @@ _NESTED = {
 
 
 # --------------------------------------------------------------------------------------------
-# Presets of the four released models (spec §5.1, §6). The CLIP tower is the same everywhere.
+# Presets of the four released models (the reference's launch_scripts/utils.py (model presets); olmo/hf_molmo.py). The CLIP tower is the same everywhere.
 # --------------------------------------------------------------------------------------------
 
 def molmo_7b_d() -> MolmoConfig:

@@ -4,8 +4,8 @@
 
 Steps (all on the CPU, nothing downloaded):
   1. build the demo tokenizer and save it beside the run;
-  2. train `configs/demo.py` (checkpoints in <workdir>/train, resumable: rerun the same command),
-     keeping a checkpoint at each of `--curve-evals` evenly spaced steps;
+  2. train the recipe `configs/demo.py` (checkpoints in <workdir>/train, resumable: rerun the same
+     command), keeping a checkpoint at each of `--curve-evals` evenly spaced steps;
   3. export the final parameters as a model directory (<workdir>/model) that `eval.py` and
      `python -m molmo_jax.predict` read;
   4. evaluate counting accuracy and pointing F1 on held-out synthetic scenes with the `eval.py`
@@ -38,8 +38,11 @@ import numpy as np
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(prog="python -m molmo_jax.demo", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--workdir", default="outputs/demo")
-  p.add_argument("--steps", type=int, default=None, help="training steps (default: configs/demo.py)")
+  p.add_argument("--workdir", default="outputs/demo", help="everything the demo writes")
+  p.add_argument("--recipe", default="configs/demo.py",
+                 help="the training recipe (a train.py --config file; its 'steps=N,batch=B' "
+                      "argument comes from --steps / --batch)")
+  p.add_argument("--steps", type=int, default=None, help="training steps (default: the recipe's)")
   p.add_argument("--batch", type=int, default=None, help="global batch size")
   p.add_argument("--eval-examples", type=int, default=200, help="held-out scenes per task")
   p.add_argument("--eval-batch", type=int, default=16)
@@ -92,8 +95,8 @@ def checkpoint_steps(workdir: Path) -> list[int]:
 
 def restore_params(config, workdir: Path, step: int):
   from molmo_jax.models.molmo import abstract_params
-  from molmo_jax.training.checkpoint import restore_params_only
-  from molmo_jax.training.loop import build_model_config
+  from molmo_jax.experiment import build_model_config
+  from molmo_jax.model_dir import restore_params_only
   model_cfg = build_model_config(config.model)
   params = restore_params_only(workdir / "train" / "checkpoints" / str(step), abstract_params(model_cfg))
   return model_cfg, params
@@ -101,7 +104,7 @@ def restore_params(config, workdir: Path, step: int):
 
 def export_model(config, workdir: Path, tokenizer_dir: Path) -> Path:
   """Final training checkpoint -> <workdir>/model (params, config.json, tokenizer/)."""
-  from molmo_jax.training.checkpoint import save_model_checkpoint
+  from molmo_jax.model_dir import save_model_checkpoint
   step = checkpoint_steps(workdir)[-1]
   model_cfg, params = restore_params(config, workdir, step)
   out = save_model_checkpoint(workdir / "model", params, model_cfg, tokenizer_dir, overwrite=True)
@@ -265,9 +268,10 @@ def main(argv=None) -> int:
   _quiet_logs()
   workdir = Path(args.workdir).absolute()
   workdir.mkdir(parents=True, exist_ok=True)
-  from configs import demo as demo_config
+  from molmo_jax import experiment
   from molmo_jax.data.demo_tokenizer import save_demo_tokenizer
   from molmo_jax.data.synthetic import SyntheticConfig
+  from molmo_jax.evals import synthetic_tasks  # noqa: F401 (registers synthetic_count / _points)
   from molmo_jax.predictor import Predictor
 
   overrides = []
@@ -275,13 +279,19 @@ def main(argv=None) -> int:
     overrides.append(f"steps={args.steps}")
   if args.batch is not None:
     overrides.append(f"batch={args.batch}")
-  config = demo_config.get_config(",".join(overrides) or None)
+  recipe = args.recipe + (":" + ",".join(overrides) if overrides else "")
+  config = experiment.load_recipe(recipe)
   # Keep the checkpoints the learning curve scores (evenly spaced, the last one is the final step).
   steps = int(config.total_steps)
   config.checkpoint.save_every = max(1, -(-steps // args.curve_evals)) if args.curve_evals else steps
   config.checkpoint.keep = 0
   config.log_every = max(1, min(int(config.log_every), steps // 20 or 1))
-  scene_config = SyntheticConfig(**demo_config.DEMO_SCENES)
+  scenes = [dict(s.get("options", {}).get("config", {})) for s in config.data.sources.values()
+            if s.get("kind") == "synthetic"]
+  if not scenes:
+    raise SystemExit(f"--recipe {args.recipe}: the demo needs a 'synthetic' data source")
+  scene_config = SyntheticConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                    for k, v in scenes[0].items()})
   tokenizer_dir = workdir / "tokenizer"
   save_demo_tokenizer(tokenizer_dir)
   config.tokenizer_dir = str(tokenizer_dir)
@@ -322,5 +332,10 @@ def main(argv=None) -> int:
   return 0
 
 
-if __name__ == "__main__":
+def run() -> None:
+  """Console entry point (`molmo-demo`)."""
   sys.exit(main())
+
+
+if __name__ == "__main__":
+  run()

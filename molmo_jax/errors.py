@@ -264,6 +264,18 @@ def run_main(main: Callable[[list[str]], int | None], argv: Sequence[str] | None
   return 0 if code is None else int(code)
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+  """The tool's docstring as written, and every flag's default in --help (unless its help text
+  already says what the default is)."""
+
+  def _get_help_string(self, action):
+    text = action.help or ""
+    if "default" in text.lower() or action.default is argparse.SUPPRESS or action.required:
+      return text
+    if action.option_strings and not isinstance(action, (argparse._StoreTrueAction,
+                                                         argparse._StoreFalseAction)):
+      return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
+    return text
 def _is_closed_loop(exc: BaseException | None) -> bool:
   return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
 
@@ -312,7 +324,7 @@ class ArgumentParser(argparse.ArgumentParser):
   def __init__(self, *args, **kwargs):
     epilog = kwargs.pop("epilog", None)
     kwargs["epilog"] = f"{epilog}\n\n{EXIT_CODES_HELP}" if epilog else EXIT_CODES_HELP
-    kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+    kwargs.setdefault("formatter_class", HelpFormatter)
     super().__init__(*args, **kwargs)
 
   def error(self, message: str):

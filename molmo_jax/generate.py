@@ -6,7 +6,7 @@ N crops, P patches, Q pooled cells.
 Prompts are right-padded with -1 as the reference collator does. Slot s of the cache holds the
 prompt token s (s < T) or generated token s - T. A key slot is attended iff it holds a real token
 and comes no later than the query. Positions continue from each example's last valid prompt
-token, so padding never shifts RoPE phases (spec §7.5). The vision tower runs once, inside the
+token, so padding never shifts RoPE phases (the reference's olmo/model.py (generate)). The vision tower runs once, inside the
 prefill.
 """
 
@@ -26,11 +26,15 @@ from molmo_jax.models.molmo import Molmo, default_positions
 Array = jax.Array
 
 
+# The paper's budget for pointing and counting answers (a dozen points); the CLI uses it too.
+DEFAULT_MAX_NEW_TOKENS = 192
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
   """Greedy when temperature == 0; otherwise temperature / top-k / top-p sampling."""
 
-  max_new_tokens: int = 64
+  max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
   temperature: float = 0.0
   top_k: int = 0            # 0 = off
   top_p: float = 1.0        # 1.0 = off

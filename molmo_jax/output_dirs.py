@@ -102,15 +102,6 @@ def check_output_target(out: str | os.PathLike, *, sources: Iterable[str | os.Pa
   return out_abs
 
 
-def add_output_flags(parser, kind: str) -> None:
-  """--overwrite / --force on a command line that writes a `kind` ("model directory", ...) to
-  OUT_DIR, with the meaning `check_output_target` gives them."""
-  parser.add_argument("--overwrite", action="store_true",
-                      help=f"replace OUT_DIR if it is a {kind} (after the new one is complete)")
-  parser.add_argument("--force", action="store_true",
-                      help="replace OUT_DIR whatever it holds (never the source or a folder around it)")
-
-
 def _process_alive(pid: int) -> bool:
   try:
     os.kill(pid, 0)

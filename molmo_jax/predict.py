@@ -1,9 +1,11 @@
-"""Command line: ask a checkpoint about images.
+"""Command line: ask a model about images.
 
   python -m molmo_jax.predict --checkpoint DIR --image bike.jpg --prompt "Point to the bike"
   python -m molmo_jax.predict --checkpoint DIR --image a.jpg --prompt "Describe" \\
       --image b.jpg --prompt "How many cats?" --json --draw out.png
 
+--checkpoint is a model directory (converted or exported) or a training workdir (its latest
+checkpoint, or --step N).
 Pairs of --image/--prompt run as batches. --json prints one object per answer (answer, points in
 pixels of the original image, count, finish reason). --draw saves each image with its predicted
 points (OUT.png for one image, OUT-<i>.png for several); its folder must exist.
@@ -19,33 +21,40 @@ import sys
 from pathlib import Path
 
 from molmo_jax import errors
-from molmo_jax.generate import SamplingConfig
+from molmo_jax.generate import DEFAULT_MAX_NEW_TOKENS, SamplingConfig
 from molmo_jax.preprocess import image_io
 
 
 def parse_args(argv=None) -> argparse.Namespace:
   p = errors.ArgumentParser(prog="python -m molmo_jax.predict", description=__doc__)
-  p.add_argument("--checkpoint", required=True, help="model directory (converted or trained)")
+  p.add_argument("--checkpoint", required=True,
+                 help="model directory, or a training workdir (latest checkpoint unless --step)")
+  p.add_argument("--step", type=int, default=None,
+                 help="training step to load when --checkpoint is a workdir (default: latest)")
   p.add_argument("--image", action="append", default=[], help="image path (repeatable)")
   p.add_argument("--prompt", action="append", default=[], help="question (repeatable, pairs with --image)")
   p.add_argument("--style", default=None, help="style prefix, e.g. vqa2 (default: none, as the demo)")
-  p.add_argument("--max-new-tokens", type=int, default=192)
+  p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
+                 help="stop generating after this many tokens")
   p.add_argument("--shorten-to-fit", action="store_true",
                  help="when prompt + --max-new-tokens exceed the model's positions, generate fewer "
                       "tokens instead of refusing")
-  p.add_argument("--temperature", type=float, default=0.0)
-  p.add_argument("--top-k", type=int, default=0)
-  p.add_argument("--top-p", type=float, default=1.0)
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--max-crops", type=int, default=None)
-  p.add_argument("--batch-size", type=int, default=8)
-  p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+  p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+  p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = off)")
+  p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+  p.add_argument("--seed", type=int, default=0, help="sampling seed")
+  p.add_argument("--max-crops", type=int, default=None,
+                 help="high-resolution crops per image (default: the model's)")
+  p.add_argument("--batch-size", type=int, default=8, help="prompts per generation call")
+  p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                 help="compute and parameter dtype (default: the checkpoint's config)")
   p.add_argument("--resize-method", choices=["tensorflow", "torchvision"], default=None,
                  help="image resize: tensorflow (what converted release checkpoints use, as the HF "
                       "processor) or torchvision (the native repo's default); default: the "
                       "checkpoint's config (see docs/fidelity.md)")
   p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-  p.add_argument("--json", action="store_true", help="print JSON lines")
+  p.add_argument("--json", action="store_true",
+                 help="print JSON on stdout instead of text (one object per answer)")
   p.add_argument("--draw", default=None, help="PNG path for the image(s) with predicted points")
   p.add_argument("--max-image-pixels", type=int, default=None,
                  help="Pillow's decompression-bomb limit (default %d pixels; 0 = no limit)"
@@ -95,7 +104,7 @@ def main(argv=None) -> int:
   from molmo_jax.preprocess import inputs, points as points_lib
 
   predictor = Predictor.from_checkpoint(args.checkpoint, dtype=args.dtype, max_crops=args.max_crops,
-                                        resize_method=args.resize_method)
+                                        resize_method=args.resize_method, step=args.step)
   images = args.image or [None] * len(args.prompt)
   sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             top_k=args.top_k, top_p=args.top_p)
@@ -114,5 +123,10 @@ def main(argv=None) -> int:
   return 0
 
 
-if __name__ == "__main__":
+def run() -> None:
+  """Console entry point (`molmo-predict`)."""
   sys.exit(errors.run_main(main))
+
+
+if __name__ == "__main__":
+  run()

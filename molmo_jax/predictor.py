@@ -86,7 +86,7 @@ def fit_context(prompt_lengths: Sequence[int], max_new_tokens: int, limit: int,
 
 
 class Predictor:
-  """Generation front end over a model directory (see molmo_jax.training.checkpoint)."""
+  """Generation front end over a model directory (see molmo_jax.model_dir)."""
 
   def __init__(self, config: MolmoConfig, params: Any, tokenizer: MolmoTokenizer, *,
                mesh: jax.sharding.Mesh | None = None, max_crops: int | None = None,
@@ -103,8 +103,10 @@ class Predictor:
   def from_checkpoint(cls, directory: str | os.PathLike, *, dtype: str | None = None,
                       mesh: jax.sharding.Mesh | None = None, max_crops: int | None = None,
                       resize_method: str | None = None,
-                      preprocess: Mapping[str, Any] | None = None) -> "Predictor":
-    """Loads params, config and tokenizer.
+                      preprocess: Mapping[str, Any] | None = None,
+                      step: int | None = None) -> "Predictor":
+    """Loads params, config and tokenizer from a model directory or a training workdir (its
+    latest checkpoint, or `step`); relative paths are fine.
 
     Args:
       dtype: "bfloat16"/"float32" overrides compute and parameter dtype.
@@ -113,19 +115,19 @@ class Predictor:
       resize_method: "tensorflow" (what converted release checkpoints use, as the HF processor)
         or "torchvision" (the native repo's default); see docs/fidelity.md.
       preprocess: other PreprocessConfig fields to change (e.g. {"alpha": "composite"}).
+      step: the training step when `directory` is a training workdir (default: the latest).
     """
-    from molmo_jax.training.checkpoint import load_model_checkpoint
-    config_path = Path(directory) / "config.json"
-    if not config_path.is_file():
-      raise FileNotFoundError(f"{directory}: no config.json; not a model directory")
-    config = MolmoConfig.from_json(config_path.read_text())
+    from molmo_jax.model_dir import load_model_checkpoint, locate_model
+    source = locate_model(directory, step)
+    config = source.read_config()
     if dtype is not None:
       config = config.replace(dtype=dtype, param_dtype=dtype)
     config = config.with_preprocess(resize_method=resize_method, **dict(preprocess or {}))
     expected = abstract_params(config, mesh)
-    ckpt = load_model_checkpoint(directory, expected_params=expected)
+    ckpt = load_model_checkpoint(directory, expected_params=expected, step=step)
     if ckpt.tokenizer_dir is None:
-      raise FileNotFoundError(f"{directory}: no tokenizer/ folder; copy the tokenizer files there")
+      raise FileNotFoundError(f"{source.describe()}: no tokenizer/ folder; copy the tokenizer "
+                              "files (tokenizer.json, ...) there")
     tokenizer = MolmoTokenizer.from_checkpoint(ckpt.tokenizer_dir, config.llm.vocab_size)
     return cls(config, ckpt.params, tokenizer, mesh=mesh, max_crops=max_crops)
 

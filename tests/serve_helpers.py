@@ -25,7 +25,7 @@ from molmo_jax.preprocess.tokens import MolmoTokenizer
 from molmo_jax.serve.app import ServeSettings, create_app
 from molmo_jax.serve.backend import ModelBackend
 from molmo_jax.serve.engine import BatchingEngine
-from molmo_jax.training.checkpoint import save_model_checkpoint
+from molmo_jax.model_dir import save_model_checkpoint
 
 VOCAB = 448
 

@@ -1,4 +1,4 @@
-"""Connector and image-feature insertion against an independent NumPy reading of spec §1.8, §2.4, §4.
+"""Connector and image-feature insertion against an independent NumPy reading of the reference's olmo/data/model_preprocessor.py (image_masks); olmo/data/model_preprocessor.py (image_input_idx); olmo/model.py (vision backbone: pooling and projector).
 
 Legend: B crops (or batch rows), K selected ViT layers, S = P + 1 tokens per crop (CLS first),
 P = g*g patches, C = K*Dv concatenated width, Q pooled cells, W = 4 patches per window,

@@ -23,8 +23,7 @@ from convert import hf_components as hfc  # noqa: E402
 from convert.safetensors_io import SafetensorsDir  # noqa: E402
 from molmo_jax import config as C  # noqa: E402
 from molmo_jax.models.molmo import Molmo  # noqa: E402
-from molmo_jax.training.checkpoint import load_model_checkpoint  # noqa: E402
-from molmo_jax.training.optimizer import path_name  # noqa: E402
+from molmo_jax.model_dir import load_model_checkpoint, path_name  # noqa: E402
 
 
 def qwen2_model(layers: int = 2, seed: int = 0):
@@ -298,7 +297,7 @@ def test_build_initial_checks_preset(component_dirs, tmp_path):
   assert not (tmp_path / "model").exists()
 
 
-# config.json of each release's base components, with the sizes of spec §3.1 / §5.1 (no weights).
+# config.json of each release's base components, with the sizes of the reference's olmo/image_vit.py (CLIP ViT-L/14-336) / the reference's launch_scripts/utils.py (model presets) (no weights).
 # Numeric-only fields (eps, RoPE) may differ from the preset: the preset wins, with a notice.
 _CLIP_L14_336 = {"model_type": "clip", "vision_config": {
     "hidden_size": 1024, "intermediate_size": 4096, "num_attention_heads": 16,

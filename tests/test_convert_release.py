@@ -1,10 +1,10 @@
-"""Release HF checkpoint <-> Orbax model directory (spec §6.2-§6.4), on tiny models of each family.
+"""Release HF checkpoint <-> Orbax model directory (the released config.json-the released fused tensor layouts (olmo/hf_molmo.py)), on tiny models of each family.
 
 Legend: L layers, D LLM width, E experts, Fe expert width, Dv ViT width.
 
 The HF side of every test is built by `write_release_dir`, a writer that lays our tiny random
-parameters out per spec §6.3 / §6.4 on its own (it shares no code with the converters) and saves
-them with the `safetensors` package; config.json follows the §6.2 schemas. The converters must
+parameters out per the released safetensors names (olmo/hf_molmo.py) / the released fused tensor layouts (olmo/hf_molmo.py) on its own (it shares no code with the converters) and saves
+them with the `safetensors` package; config.json follows the the released config.json schemas. The converters must
 turn it into a model directory whose logits equal those of the model built directly from the same
 weights, and export it back bit for bit.
 """
@@ -28,7 +28,7 @@ from convert.hf_to_orbax import convert_hf_to_orbax
 from convert.orbax_to_hf import convert_orbax_to_hf
 from molmo_jax import config as C
 from molmo_jax.models.molmo import Molmo
-from molmo_jax.training.checkpoint import load_model_checkpoint, save_model_checkpoint
+from molmo_jax.model_dir import load_model_checkpoint, save_model_checkpoint
 
 FAMILIES = ("qwen2", "olmo", "olmoe")
 T, CROPS = 40, 2
@@ -37,7 +37,7 @@ SIDE_FILES = {"tokenizer.json": '{"version": "1.0"}', "added_tokens.json": '{"<i
 
 
 # ----------------------------------------------------------------------------------------------
-# An independent writer of the release layout (spec §6.3 names/shapes, §6.4 fused layouts)
+# An independent writer of the release layout (the released safetensors names (olmo/hf_molmo.py) names/shapes, the released fused tensor layouts (olmo/hf_molmo.py) fused layouts)
 # ----------------------------------------------------------------------------------------------
 
 def release_tensors(params, cfg) -> dict[str, np.ndarray]:
@@ -194,7 +194,7 @@ def write_release_dir(directory: Path, params, cfg, dtype=np.float32, shards=2) 
   return tensors
 
 
-# The MolmoE-1B release config.json (flat schema, spec §6.2), as published.
+# The MolmoE-1B release config.json (flat schema, the released config.json), as published.
 MOLMOE_RELEASE_CONFIG = {
     "activation_type": "swiglu", "additional_vocab_size": 128, "alibi": False, "alibi_bias_max": 8.0,
     "always_start_with_space": True, "architectures": ["OLMoForCausalLM"], "attention_dropout": 0.0,
@@ -237,7 +237,7 @@ MOLMOE_RELEASE_CONFIG = {
     "vit_layers": [-2, -9], "vit_load_path": None, "vocab_size": 50280, "weight_tying": False,
 }
 
-# The Molmo-7B-D config.json (dense schema, spec §6.2).
+# The Molmo-7B-D config.json (dense schema, the released config.json).
 MOLMO_7B_D_CONFIG = {
     "architectures": ["MolmoForCausalLM"], "attention_layer_norm": False,
     "auto_map": {"AutoConfig": "config_molmo.MolmoConfig",

@@ -1,4 +1,4 @@
-"""Data sources and the grain input pipeline (molmo_jax.data; spec §2.5, §8.2-8.3)."""
+"""Data sources and the grain input pipeline (molmo_jax.data; the reference's olmo/data/collator.py; olmo/data/model_preprocessor.py (several conversations per image))."""
 
 import json
 import math
@@ -12,8 +12,8 @@ from PIL import Image
 from molmo_jax import config as C
 from molmo_jax.data import demo_tokenizer, synthetic
 from molmo_jax.data import pipeline as P
-from molmo_jax.data.sources import (HFSource, JsonlSource, RecordError, SourceConfig,
-                                    SyntheticRecords, open_source)
+from molmo_jax.data.sources import HFSource, JsonlSource, RecordError, SourceConfig, open_source
+from molmo_jax.data.synthetic import SyntheticRecords
 from molmo_jax.preprocess import points as points_lib
 from molmo_jax.preprocess.examples import ATTEND_ALL_SUBSEGMENT
 from molmo_jax.preprocess.tokens import MolmoTokenizer

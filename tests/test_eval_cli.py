@@ -20,10 +20,10 @@ import pytest
 from molmo_jax import config as C
 from molmo_jax import sharding
 from molmo_jax.data.demo_tokenizer import build_demo_tokenizer, save_demo_tokenizer
-from molmo_jax.evals import runner, tasks
+from molmo_jax.evals import runner, synthetic_tasks, tasks  # noqa: F401 (registers synthetic_*)
 from molmo_jax.models.molmo import Molmo, example_batch_shapes
 from molmo_jax.predictor import Predictor
-from molmo_jax.training.checkpoint import save_model_checkpoint
+from molmo_jax.model_dir import save_model_checkpoint
 from test_eval_tasks import FIXTURES, chartqa_fixture, countbench_fixture, vqav2_fixture
 
 FAST = dict(batch_size=4, max_crops=2, max_new_tokens=4, progress=False)

@@ -1,9 +1,9 @@
-"""The MoE layer (spec §5.3) against a NumPy reference: routing, both implementations, drops, grads.
+"""The MoE layer (the reference's olmo/model.py (OLMoEBlock)) against a NumPy reference: routing, both implementations, drops, grads.
 
 Legend: B batch rows (= capacity groups), T tokens per row, D width, E experts, k experts per
 token, F expert MLP width, C capacity per expert and row.
 
-Reference rules (spec §5.3 and molmo_jax/models/moe.py's contract): probs = softmax over all E
+Reference rules (the reference's olmo/model.py (OLMoEBlock) and molmo_jax/models/moe.py's contract): probs = softmax over all E
 experts, top-k, no renormalisation unless `moe_normalize_topk`; y = sum_k p_k * expert_k(x).
 Capacity path: C = ceil(T*k/E * factor) per row; assignments are served first choices first
 (all tokens' first choices in token order, then second choices, ...); a dropped assignment

@@ -1,4 +1,4 @@
-"""Forward-pass semantics of the full Molmo model (spec §1.8, §2.5, §5.4, §8.2) on tiny configs.
+"""Forward-pass semantics of the full Molmo model (the reference's olmo/data/model_preprocessor.py (image_masks); olmo/data/collator.py; olmo/model.py (forward pass); olmo/data/model_preprocessor.py (several conversations per image)) on tiny configs.
 
 Legend: B batch, T text length, N crops, P patches per crop, C patch values, Q pooled cells per
 crop, S KV-cache length, V logits width.
@@ -21,7 +21,7 @@ from molmo_jax.models.decoder import init_cache
 from molmo_jax.models.molmo import Molmo
 
 TOL = 1e-5
-IMAGE_SEGMENT = 10000   # subsegment id of the shared image block (spec §8.2)
+IMAGE_SEGMENT = 10000   # subsegment id of the shared image block (the reference's olmo/data/model_preprocessor.py (several conversations per image))
 
 
 def random_params(model, batch, seed):
@@ -104,7 +104,7 @@ def packed_batch(cfg, batch, conv1_ids, conv2_ids):
 
   Both rows hold row 0's image. The image block is BOS + the image tokens (segment 10000);
   conversations have ids 1 and 2.
-  Positions follow spec §8.2: for segment s, cumsum(seg >= s) - 1.
+  Positions follow the reference's olmo/data/model_preprocessor.py (several conversations per image): for segment s, cumsum(seg >= s) - 1.
   """
   ids = np.array(batch["input_ids"])
   block = 1 + CROPS * cfg.preprocess.pooled_per_crop

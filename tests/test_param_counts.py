@@ -1,6 +1,6 @@
-"""Parameter counts and shapes of the four released presets (spec §5.1, §6.3), via jax.eval_shape.
+"""Parameter counts and shapes of the four released presets (the reference's launch_scripts/utils.py (model presets); released safetensors names (olmo/hf_molmo.py)), via jax.eval_shape.
 
-Shapes are compared with the HF safetensors table after undoing the fusions of spec §6.4:
+Shapes are compared with the HF safetensors table after undoing the fusions of the released fused tensor layouts (olmo/hf_molmo.py):
 att_proj rows = query + key + value widths, ff_proj rows = gate + up widths (2 x mlp_dim),
 MoE w1/v1/w2 rows = experts x expert width. Nothing is allocated: eval_shape only traces.
 """
@@ -24,7 +24,7 @@ TOTALS = {
     "molmoe-1b": 7_221_875_712,
 }
 
-# HF shapes from spec §6.3 (rows of fused tensors; the LM head / embedding tables).
+# HF shapes from the released safetensors names (olmo/hf_molmo.py) (rows of fused tensors; the LM head / embedding tables).
 HF_SHAPES = {
     "molmo-7b-d": dict(att_proj=4608, ff_proj=37888, ff_out=(3584, 18944), wte=(152064, 3584)),
     "molmo-72b": dict(att_proj=10240, ff_proj=59136, ff_out=(8192, 29568), wte=(152064, 8192)),

@@ -1,4 +1,4 @@
-"""Tests for molmo_jax.preprocess.points: format / parse / validate / draw (spec §7.4)."""
+"""Tests for molmo_jax.preprocess.points: format / parse / validate / draw (the reference's olmo/data/data_formatter.py (point and count answers))."""
 
 import numpy as np
 import pytest

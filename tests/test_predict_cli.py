@@ -13,7 +13,7 @@ from molmo_jax import predict
 from molmo_jax.data.demo_tokenizer import build_demo_tokenizer, save_demo_tokenizer
 from molmo_jax.models.molmo import Molmo, example_batch_shapes
 from molmo_jax.predictor import Predictor, apply_stop_strings
-from molmo_jax.training.checkpoint import save_model_checkpoint
+from molmo_jax.model_dir import save_model_checkpoint
 
 
 def _checkpoint(root):

@@ -1,4 +1,4 @@
-"""Example building, packing, masks/positions and collation (spec §2.3, §2.5, §8.1-8.2)."""
+"""Example building, packing, masks/positions and collation (the reference's olmo/data/model_preprocessor.py (where the image goes in the text); olmo/data/collator.py; olmo/train.py (loss))."""
 
 import dataclasses
 import math

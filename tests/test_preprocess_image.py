@@ -1,4 +1,4 @@
-"""Image pre-processing (spec §1, §2.4): loading, resize + letterbox, crop grid, crops, masks,
+"""Image pre-processing (the reference's olmo/data/model_preprocessor.py; olmo/data/model_preprocessor.py (image_input_idx)): loading, resize + letterbox, crop grid, crops, masks,
 feature ranks."""
 
 import concurrent.futures
@@ -31,7 +31,7 @@ def random_image(height, width, seed=0):
 
 
 def image_tokens(grid):
-  """<im_start> + rows * (cols <im_patch> + <im_col>) + <im_end> (spec §2.2)."""
+  """<im_start> + rows * (cols <im_patch> + <im_col>) + <im_end> (the reference's olmo/data/model_preprocessor.py (image token blocks))."""
   rows, cols = grid
   return 1 + rows * (cols + 1) + 1
 
@@ -49,7 +49,7 @@ def patchify(pixels, patch):
 
 
 def cut_crops(canvas, grid, cfg):
-  """Crops of the canvas in row-major order, by slicing (spec §1.5.2)."""
+  """Crops of the canvas in row-major order, by slicing (the reference's olmo/data/model_preprocessor.py (high-resolution crops))."""
   window = cfg.patch_size * (cfg.crop_size // cfg.patch_size - sum(cfg.overlap_margins))
   s = cfg.crop_size
   return np.stack([canvas[r * window:r * window + s, c * window:c * window + s]
@@ -57,7 +57,7 @@ def cut_crops(canvas, grid, cfg):
 
 
 def spec_feature_rank(grid, cfg):
-  """Spec §2.4 transcribed: crop-major ids of kept cells, transpose to raster order, invert."""
+  """the reference's olmo/data/model_preprocessor.py (image_input_idx) transcribed: crop-major ids of kept cells, transpose to raster order, invert."""
   rows, cols = grid
   cells = cfg.crop_size // cfg.patch_size // cfg.pool_size
   left, right = (m // cfg.pool_size for m in cfg.overlap_margins)
@@ -82,7 +82,7 @@ def spec_feature_rank(grid, cfg):
 
 
 # ------------------------------------------------------------------------------------------
-# Worked examples (spec §1.9)
+# Worked examples (the reference's olmo/data/model_preprocessor.py (image token counts))
 # ------------------------------------------------------------------------------------------
 
 # (h, w), max_crops, grid, canvas, crops incl. global, pooled grid, valid features, image tokens
@@ -124,11 +124,11 @@ def test_tallest_grid_gives_the_token_upper_bound():
 
 
 # ------------------------------------------------------------------------------------------
-# Crop grid selection (spec §1.4)
+# Crop grid selection (the reference's olmo/data/model_preprocessor.py: select_tiling)
 # ------------------------------------------------------------------------------------------
 
 def spec_select_grid(h, w, max_crops, cfg):
-  """§1.4 in words, one candidate at a time."""
+  """the reference's olmo/data/model_preprocessor.py: select_tiling in words, one candidate at a time."""
   patches = cfg.crop_size // cfg.patch_size
   window = cfg.patch_size * (patches - sum(cfg.overlap_margins))
   margin = cfg.patch_size * sum(cfg.overlap_margins)
@@ -161,7 +161,7 @@ def test_select_crop_grid_ties_go_to_fewer_crops_then_fewer_rows():
 
 
 # ------------------------------------------------------------------------------------------
-# Feature ranks (spec §2.4)
+# Feature ranks (the reference's olmo/data/model_preprocessor.py (image_input_idx))
 # ------------------------------------------------------------------------------------------
 
 @settings(max_examples=150, deadline=None)
@@ -190,7 +190,7 @@ def test_feature_rank_numbers_every_kept_cell_once(h, w, max_crops, cfg):
 
 
 # ------------------------------------------------------------------------------------------
-# Resize and letterbox (spec §1.3)
+# Resize and letterbox (the reference's olmo/data/model_preprocessor.py: resize_and_pad)
 # ------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("method", ["tensorflow", "torchvision"])
@@ -272,7 +272,7 @@ def test_resize_clips_overshoot_to_unit_range():
 
 
 # ------------------------------------------------------------------------------------------
-# Crops, patches and masks (spec §1.5 - §1.8)
+# Crops, patches and masks (the reference's olmo/data/model_preprocessor.py (high-resolution crops) - the reference's olmo/data/model_preprocessor.py (image_masks))
 # ------------------------------------------------------------------------------------------
 
 def reference_pipeline(pixels_uint8, cfg, max_crops=None):
@@ -296,7 +296,7 @@ def test_multicrop_equals_the_unfused_pipeline(cfg, size):
   out = multicrop_image(pixels, cfg)
   images, crop_masks = reference_pipeline(pixels, cfg)
   np.testing.assert_array_equal(out.images, images)
-  # Released pairing: image k gets crop k's mask, the last crop an all -1 row (§1.8).
+  # Released pairing: image k gets crop k's mask, the last crop an all -1 row (the reference's olmo/data/model_preprocessor.py (image_masks)).
   np.testing.assert_array_equal(out.image_masks[:-1], crop_masks)
   assert (out.image_masks[-1] == -1).all()
 
@@ -395,7 +395,7 @@ def test_bad_config_and_inputs_are_named():
 
 
 # ------------------------------------------------------------------------------------------
-# Loading (spec §1.2)
+# Loading (the reference's olmo/data/model_preprocessor.py (image loading))
 # ------------------------------------------------------------------------------------------
 
 def encode(image, fmt="PNG", **kwargs):

@@ -1,4 +1,4 @@
-"""Tokenizer id rule, image token blocks, image_input_idx and prompt strings (spec §2, §7.1-7.3)."""
+"""Tokenizer id rule, image token blocks, image_input_idx and prompt strings (the reference's olmo/data/model_preprocessor.py (token layout); olmo/data/data_formatter.py (chat format))."""
 
 import json
 

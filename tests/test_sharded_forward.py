@@ -1,4 +1,4 @@
-"""The full forward under 8-device meshes equals the single-device forward (spec §5.4 + sharding.py).
+"""The full forward under 8-device meshes equals the single-device forward (the reference's olmo/model.py (forward pass) + sharding.py).
 
 Legend: B batch (8, so every batch-sharding mesh axis divides it), T text length, N crops,
 P patches, C patch values, Q pooled cells per crop, V logits width, L layers, E experts,

@@ -21,8 +21,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train as train_cli  # noqa: E402  (the repository's train.py)
+from molmo_jax import config_cli, experiment  # noqa: E402
 from molmo_jax.training import loop  # noqa: E402
-from molmo_jax.training.checkpoint import restore_params_only  # noqa: E402
+from molmo_jax.model_dir import restore_params_only  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TOTAL = 8
@@ -204,7 +205,7 @@ def converted_model_dir(directory: Path, cfg) -> dict:
   """A model directory as the converter writes it, with random (finite) weights."""
   from molmo_jax.models.molmo import Molmo
   from molmo_jax.training import train_step as ts
-  from molmo_jax.training.checkpoint import save_model_checkpoint
+  from molmo_jax.model_dir import save_model_checkpoint
   rng = np.random.default_rng(7)
   shapes = ts.abstract_params(Molmo(cfg), ts.batch_spec(cfg, 1, 8))
   params = jax.tree_util.tree_map_with_path(
@@ -215,11 +216,11 @@ def converted_model_dir(directory: Path, cfg) -> dict:
 
 
 def test_init_from_model_dir_and_nan_stop_keeps_last_good_checkpoint(tmp_path):
-  config = train_cli.load_config_file(str(REPO / "configs/tiny_test.py"))
-  cfg = loop.build_model_config(config.model)
+  config = experiment.load_recipe(str(REPO / "configs/tiny_test.py"))
+  cfg = experiment.build_model_config(config.model)
   start = converted_model_dir(tmp_path / "model", cfg)
   config.model.name = ""                  # as finetune_custom: the architecture comes from init_from
-  config.model.llm = {}
+  config.model.llm.update(vocab_size=None, embedding_size=None)
   config.init_from = str(tmp_path / "model")
   config.total_steps = 10
   config.data.seq_len = 32
@@ -246,32 +247,45 @@ def test_init_from_model_dir_and_nan_stop_keeps_last_good_checkpoint(tmp_path):
 # Command line
 # ------------------------------------------------------------------------------------------
 
+def _parse(*args):
+  """train.py's flags parsed in-process -> (config, workdir)."""
+  config_cli.parse(["train.py", *args], "train.py", train_cli.__doc__,
+                   [train_cli.CONFIG, train_cli.WORKDIR], train_cli.FLAGS)
+  return train_cli.CONFIG.value, train_cli.WORKDIR.value
+
+
 def test_cli_overrides_follow_field_types(tmp_path):
-  config, workdir = train_cli.parse_args([
+  config, workdir = _parse(
       "--config", f"{REPO}/configs/tiny_test.py:olmoe", "--workdir", str(tmp_path),
       "--config.total_steps=5", "--config.optimizer.llm.learning_rate=2e-4",
       "--config.tensorboard=true", "--config.model.dtype", "bfloat16",
       "--config.data.max_crops=2", "--config.model.llm.residual_dropout=0.1",
-      "--config.data.sources.extra.kind=synthetic"])
+      "--config.data.sources.shapes.options.num_examples=32", "--config.plugins=('a', 'b')")
   assert workdir == str(tmp_path)
   assert config.total_steps == 5 and config.optimizer.llm.learning_rate == 2e-4
   assert config.tensorboard is True and config.model.dtype == "bfloat16"
   assert config.data.max_crops == 2 and config.model.llm.residual_dropout == 0.1
-  assert config.model.name == "tiny-olmoe" and config.data.sources.extra.kind == "synthetic"
+  assert config.model.name == "tiny-olmoe" and config.data.sources.shapes.options.num_examples == 32
+  assert config.plugins == ("a", "b")
+  assert experiment.build_model_config(config.model).llm.residual_dropout == 0.1
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--config.total_steps=five"], "expected an integer"),
-    (["--config.optimizer.lr=1"], "unknown field 'lr'"),
-    (["--config.tensorboard=maybe"], "expected true or false"),
-    (["--config.nosuch.x=1"], "not a config field"),
-    (["--bogus"], "unknown argument"),
+    (["--config.total_steps=five"], "invalid literal for int"),
+    (["--config.optimizer.lr=1"], "no such config field 'lr'"),
+    (["--config.total_stepz=3"], "no such config field 'total_stepz' \\(did you mean 'total_steps'"),
+    (["--config.tensorboard=maybe"], "tensorboard"),
+    (["--config.nosuch.x=1"], "no such config field 'nosuch'"),
+    (["--bogus"], "bogus"),
 ])
 def test_cli_rejects_bad_overrides(tmp_path, args, message):
-  with pytest.raises(train_cli.UsageError, match=message):
-    train_cli.parse_args(["--config", f"{REPO}/configs/tiny_test.py", "--workdir", str(tmp_path), *args])
+  with pytest.raises(config_cli.UsageError, match=message):
+    _parse("--config", f"{REPO}/configs/tiny_test.py", "--workdir", str(tmp_path), *args)
 
 
 def test_cli_usage_error_exits_2(capsys):
   assert train_cli.main(["--config", f"{REPO}/configs/tiny_test.py"]) == 2
   assert "--workdir" in capsys.readouterr().err
+  assert train_cli.main(["--config", f"{REPO}/configs/tiny_test.py", "--workdir", "w",
+                         "--config.total_stepz=3"]) == 2
+  assert "total_stepz" in capsys.readouterr().err

@@ -15,7 +15,7 @@ from molmo_jax import config as C
 from molmo_jax import sharding
 from molmo_jax.models.molmo import Molmo
 from molmo_jax.training import flops
-from molmo_jax.training import loop
+from molmo_jax import experiment
 from molmo_jax.training import train_step as ts
 from molmo_jax.training.optimizer import ComponentSchedule, OptimizerConfig, build_optimizer
 
@@ -243,10 +243,10 @@ def test_unknown_accelerator_asks_for_an_override():
 def test_recipes_build_valid_configs(module, arg):
   config = importlib.import_module(f"configs.{module}").get_config(arg)
   opt = OptimizerConfig.from_mapping({**config.optimizer.to_dict(), "total_steps": config.total_steps})
-  data = loop.data_config(config.data)
+  data = experiment.data_config(config.data)
   assert data.seq_len == (256 if module == "tiny_test" else 2304)
   if config.model.name:
-    model = loop.build_model_config(config.model)
+    model = experiment.build_model_config(config.model)
     assert model.llm.response_residual_dropout in (0.0, 0.1)
   if module == "pretrain_captioner":
     assert (opt.connector.learning_rate, opt.vit.warmup_steps, opt.llm.learning_rate) == (2e-4, 2000, 2e-5)
@@ -260,6 +260,6 @@ def test_recipes_build_valid_configs(module, arg):
 
 def test_model_overrides_are_checked():
   with pytest.raises(ValueError, match="unknown field"):
-    loop.build_model_config({"name": "tiny-qwen2", "llm": {"dropout": 0.1}})
-  cfg = loop.build_model_config({"name": "tiny-qwen2", "dtype": "bfloat16", "llm": {"num_layers": 3}})
+    experiment.build_model_config({"name": "tiny-qwen2", "llm": {"dropout": 0.1}})
+  cfg = experiment.build_model_config({"name": "tiny-qwen2", "dtype": "bfloat16", "llm": {"num_layers": 3}})
   assert cfg.dtype == "bfloat16" and cfg.llm.num_layers == 3 and cfg.param_dtype == "float32"

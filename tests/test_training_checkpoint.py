@@ -17,6 +17,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from molmo_jax import config as config_lib
+from molmo_jax import model_dir as model_dir_lib
 from molmo_jax.training import checkpoint as ckpt_lib
 from molmo_jax.training import optimizer as opt_lib
 
@@ -218,10 +219,10 @@ def _tokenizer_dir(tmp_path):
 
 def test_model_directory_round_trip_with_sharded_load(tmp_path):
   params, cfg = _params(1), config_lib.tiny("qwen2")
-  out = ckpt_lib.save_model_checkpoint(tmp_path / "model", params, cfg.to_json(),
-                                       tokenizer_dir=_tokenizer_dir(tmp_path))
+  out = model_dir_lib.save_model_checkpoint(tmp_path / "model", params, cfg.to_json(),
+                                            tokenizer_dir=_tokenizer_dir(tmp_path))
   assert sorted(p.name for p in out.iterdir()) == ["config.json", "params", "tokenizer"]
-  loaded = ckpt_lib.load_model_checkpoint(out)
+  loaded = model_dir_lib.load_model_checkpoint(out)
   _assert_trees_equal(loaded.params, params)
   assert loaded.config == cfg
   assert (loaded.tokenizer_dir / "tokenizer.json").read_text() == '{"model": "tiny"}'
@@ -229,24 +230,24 @@ def test_model_directory_round_trip_with_sharded_load(tmp_path):
   mesh = jax.make_mesh((2, 4), ("data", "fsdp"))
   expected = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
       x.shape, jnp.bfloat16, sharding=NamedSharding(mesh, _spec_for(x.shape))), params)
-  sharded = ckpt_lib.load_model_checkpoint(out, expected_params=expected).params
+  sharded = model_dir_lib.load_model_checkpoint(out, expected_params=expected).params
   head = sharded["llm"]["lm_head"]["kernel"]
   assert head.dtype == jnp.bfloat16 and head.sharding.spec == P("fsdp", "data")
   np.testing.assert_allclose(np.asarray(head, np.float32), params["llm"]["lm_head"]["kernel"],
                              rtol=1e-2)
   # A training run can start from it.
-  _assert_trees_equal(ckpt_lib.restore_params_only(out), params)
+  _assert_trees_equal(model_dir_lib.restore_params_only(out), params)
 
 
 def test_model_directory_load_errors_are_clear(tmp_path):
   params = _params()
-  out = ckpt_lib.save_model_checkpoint(tmp_path / "m", params, config_lib.tiny("olmo"))
+  out = model_dir_lib.save_model_checkpoint(tmp_path / "m", params, config_lib.tiny("olmo"))
   wrong = jax.tree.map(lambda x: x, params)
   wrong["llm"]["lm_head"]["kernel"] = jnp.zeros((8, 17))
   del wrong["vision"]
   wrong["connector"]["extra"] = jnp.zeros(3)
   with pytest.raises(ValueError) as err:
-    ckpt_lib.load_model_checkpoint(out, expected_params=wrong)
+    model_dir_lib.load_model_checkpoint(out, expected_params=wrong)
   message = str(err.value)
   assert "llm/lm_head/kernel: stored (8, 16), expected (8, 17)" in message
   assert "missing: connector/extra" in message
@@ -256,14 +257,14 @@ def test_model_directory_load_errors_are_clear(tmp_path):
   text["llm"]["rope_scaling"] = 2.0
   (out / "config.json").write_text(json.dumps(text))
   with pytest.raises(ValueError, match="rope_scaling"):
-    ckpt_lib.load_model_checkpoint(out)
+    model_dir_lib.load_model_checkpoint(out)
   (out / "config.json").unlink()
   with pytest.raises(FileNotFoundError, match="config.json"):
-    ckpt_lib.load_model_checkpoint(out)
+    model_dir_lib.load_model_checkpoint(out)
   with pytest.raises(FileNotFoundError, match="does not exist"):
-    ckpt_lib.load_model_checkpoint(tmp_path / "nowhere")
+    model_dir_lib.load_model_checkpoint(tmp_path / "nowhere")
   with pytest.raises(ValueError, match="unknown field"):
-    ckpt_lib.save_model_checkpoint(tmp_path / "bad", params, '{"no_such_field": 1}')
+    model_dir_lib.save_model_checkpoint(tmp_path / "bad", params, '{"no_such_field": 1}')
   assert not (tmp_path / "bad").exists()
 
 
@@ -275,22 +276,22 @@ def test_failed_model_write_leaves_nothing_and_overwrite_is_atomic(tmp_path, mon
     raise OSError("disk full")
 
   with monkeypatch.context() as m:
-    m.setattr(ckpt_lib.shutil, "copytree", broken_copy)       # fails after params are written
+    m.setattr(model_dir_lib.shutil, "copytree", broken_copy)       # fails after params are written
     with pytest.raises(OSError, match="disk full"):
-      ckpt_lib.save_model_checkpoint(target, params, cfg, tokenizer_dir=_tokenizer_dir(tmp_path))
+      model_dir_lib.save_model_checkpoint(target, params, cfg, tokenizer_dir=_tokenizer_dir(tmp_path))
   assert sorted(p.name for p in tmp_path.iterdir()) == ["tok_src"]
 
-  ckpt_lib.save_model_checkpoint(target, params, cfg)
+  model_dir_lib.save_model_checkpoint(target, params, cfg)
   with pytest.raises(FileExistsError):
-    ckpt_lib.save_model_checkpoint(target, _params(5), cfg)
+    model_dir_lib.save_model_checkpoint(target, _params(5), cfg)
   with monkeypatch.context() as m:
-    m.setattr(ckpt_lib.shutil, "copytree", broken_copy)
+    m.setattr(model_dir_lib.shutil, "copytree", broken_copy)
     with pytest.raises(OSError):
-      ckpt_lib.save_model_checkpoint(target, _params(5), cfg, tokenizer_dir=tmp_path / "tok_src",
-                                     overwrite=True)
-  _assert_trees_equal(ckpt_lib.load_model_checkpoint(target).params, params)   # old one intact
-  ckpt_lib.save_model_checkpoint(target, _params(5), cfg, overwrite=True)
-  _assert_trees_equal(ckpt_lib.load_model_checkpoint(target).params, _params(5))
+      model_dir_lib.save_model_checkpoint(target, _params(5), cfg, tokenizer_dir=tmp_path / "tok_src",
+                                          overwrite=True)
+  _assert_trees_equal(model_dir_lib.load_model_checkpoint(target).params, params)   # old one intact
+  model_dir_lib.save_model_checkpoint(target, _params(5), cfg, overwrite=True)
+  _assert_trees_equal(model_dir_lib.load_model_checkpoint(target).params, _params(5))
   assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "tok_src"]
 
 
@@ -298,6 +299,20 @@ def test_restore_params_only_from_a_training_step(tmp_path):
   params = _params(3)
   with ckpt_lib.TrainCheckpointer(tmp_path / "run", save_every=1) as ckpt:
     ckpt.save(7, params, _optimizer(params).tx.init(params))
-  _assert_trees_equal(ckpt_lib.restore_params_only(tmp_path / "run" / "7"), params)
+  _assert_trees_equal(model_dir_lib.restore_params_only(tmp_path / "run" / "7"), params)
   with pytest.raises(FileNotFoundError, match="no Orbax parameter checkpoint"):
-    ckpt_lib.restore_params_only(tmp_path / "run")
+    model_dir_lib.restore_params_only(tmp_path / "run")
+
+
+def test_model_directory_relative_paths(tmp_path, monkeypatch):
+  """Orbax refuses relative paths; every model-directory function resolves them first."""
+  params, cfg = _params(2), config_lib.tiny("qwen2")
+  _tokenizer_dir(tmp_path)
+  monkeypatch.chdir(tmp_path)
+  out = model_dir_lib.save_model_checkpoint("models/m", params, cfg, tokenizer_dir="tok_src")
+  assert out == tmp_path / "models" / "m"
+  loaded = model_dir_lib.load_model_checkpoint("models/m")
+  _assert_trees_equal(loaded.params, params)
+  assert loaded.tokenizer_dir == tmp_path / "models" / "m" / "tokenizer"
+  _assert_trees_equal(model_dir_lib.restore_params_only("models/m"), params)
+  _assert_trees_equal(model_dir_lib.restore_params_only("./models/../models/m/params"), params)

@@ -1,4 +1,4 @@
-"""Loss: weighted token CE, z-loss, ignore index, global normalisation (spec §8.1)."""
+"""Loss: weighted token CE, z-loss, ignore index, global normalisation (the reference's olmo/train.py (loss))."""
 
 import jax
 import jax.numpy as jnp

@@ -20,6 +20,7 @@ import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from molmo_jax.data import synthetic
+from molmo_jax.preprocess.tokens import BUILTIN_TOKENIZERS
 
 EOS_TOKEN = "<|endoftext|>"
 DEMO_VOCAB_SIZE = 512
@@ -31,7 +32,7 @@ _CORPUS_SEED = 1234
 
 
 def chat_text(style: str, question: str, answer: str) -> str:
-  """One turn in the reference chat format (spec §7.1, §7.2), without the EOS token.
+  """One turn in the reference chat format (the reference's olmo/data/data_formatter.py (chat format); olmo/data/data_formatter.py (style prefixes)), without the EOS token.
 
   The corpus leaves EOS out because the BPE trainer would otherwise learn merges of its characters.
   """
@@ -106,3 +107,12 @@ def save_demo_tokenizer(directory: str | os.PathLike, tokenizer: Tokenizer | Non
   with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
     json.dump(config, f, indent=2)
   return path
+
+
+def _builtin(vocab_size: int) -> tuple[Tokenizer, str]:
+  del vocab_size    # the demo vocabulary (441 entries) fits every demo recipe's vocab_size
+  return build_demo_tokenizer(), EOS_TOKEN
+
+
+# `tokenizer_dir = "builtin:demo"` in a recipe (with this module in config.plugins).
+BUILTIN_TOKENIZERS.register("builtin:demo", _builtin)

@@ -6,7 +6,7 @@ M = max_crops + 1 crop slots, P = patches per crop, C = patch_size^2 * 3, Q = po
 Training stream. Position k = 0, 1, 2, ... of one endless stream (shared by all processes) maps
 to a record by a pure function (`MixturePlan`), so any position can be read without reading the
 ones before it:
-  source(k) ~ Categorical(rates)       i.i.d. per position, from a fixed-seed RNG (spec §8.3)
+  source(k) ~ Categorical(rates)       i.i.d. per position, from a fixed-seed RNG (the reference's launch_scripts/train_multitask_model.py and train_captioner.py)
   n = number of earlier positions that drew the same source
   record(k) = shuffle_{seed, source, epoch}(n mod size)   with epoch = n // size, a fresh
               permutation of each source every epoch (identity when shuffle is off)
@@ -23,7 +23,7 @@ resumes exactly at the next batch, with any number of workers.
 
 Batches: input_ids, target_ids, subsegment_ids, position_ids [B, S] int32 (-1 padding),
 loss_weights [B, S] float32 (0 padding), images [B, M, P, C] float32, image_masks [B, M, P]
-float32, image_input_idx [B, M, Q] int32 (crop slots of all -1 are absent, spec §2.5).
+float32, image_input_idx [B, M, Q] int32 (crop slots of all -1 are absent, the reference's olmo/data/collator.py).
 Evaluation batches (`make_eval_batches`) add valid [B] bool, source_index and record_index [B]
 int32 (-1 on padding rows).
 """
@@ -62,7 +62,7 @@ class DataConfig:
   Attributes:
     sources: the mixture's sources (see `SourceConfig`).
     group_rates: {group: rate}; with it, rates within a group follow the sources' explicit rates
-      or the sqrt(size) rule, then are scaled by the group's rate (spec §8.3).
+      or the sqrt(size) rule, then are scaled by the group's rate (the reference's launch_scripts/train_multitask_model.py and train_captioner.py).
     seq_len: S, tokens per row.
     max_crops: high-res crops per image (M = max_crops + 1); None takes the model's.
     global_batch_size: G rows per step over all processes.
@@ -70,7 +70,7 @@ class DataConfig:
     shuffle: shuffle every source, with a new permutation each epoch.
     on_overflow: "drop" | "error" | "truncate_text" for examples longer than S or with more
       crops than M (see `collate`).
-    pack_conversations: pack all conversations of a record into one example (spec §8.2); when
+    pack_conversations: pack all conversations of a record into one example (the reference's olmo/data/model_preprocessor.py (several conversations per image)); when
       False one conversation is drawn at random per example.
     max_conversations: pack at most this many (drawn at random); 0 = all.
     root_subsegment_weighting: scale loss weights by sqrt(1/n) for n packed conversations.
@@ -134,7 +134,7 @@ class DataConfig:
 
 def mixture_rates(sources: Sequence[SourceConfig], sizes: Sequence[int],
                   group_rates: Mapping[str, float] | None = None) -> np.ndarray:
-  """Normalised sampling rate of each source (spec §8.3).
+  """Normalised sampling rate of each source (the reference's launch_scripts/train_multitask_model.py and train_captioner.py).
 
   Without group rates: the explicit `rate`s if every source has one, else sqrt(size) for all
   (`size` overrides the true length). With group rates: the same rule within each group, scaled

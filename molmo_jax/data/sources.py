@@ -1,16 +1,17 @@
-"""Record sources for training and evaluation: JSONL manifests, local Hugging Face data, synthetic.
+"""Record sources for training and evaluation: JSONL manifests, local Hugging Face data, and the
+registry of source kinds (the demo's "synthetic" kind registers itself from molmo_jax.data.synthetic).
 
 Every source is random access (`len(source)`, `source[i]`, grain's RandomAccessDataSource protocol)
 and returns records in one schema, whatever the storage:
 
   {"image":         path str | encoded bytes | uint8 array [H, W, 3] | None (text only),
    "conversations": [[user, assistant, user, assistant, ...], ...]   one or more, plain str turns,
-   "style":         str | None,        the "{style}:" prompt prefix (spec §7.2)
-   "weight":        float,             only when the data gives one (loss weight, spec §8.1)
+   "style":         str | None,        the "{style}:" prompt prefix (the reference's olmo/data/data_formatter.py (style prefixes))
+   "weight":        float,             only when the data gives one (loss weight, the reference's olmo/train.py (loss))
    ...}                                any other fields of the data, kept as task metadata
 
 Several conversations about one image are packed into one training example by the pipeline
-(spec §8.2). Turns alternate user / assistant, start with the user and end with an answer.
+(the reference's olmo/data/model_preprocessor.py (several conversations per image)). Turns alternate user / assistant, start with the user and end with an answer.
 The JSONL manifest format is documented with examples in docs/data.md.
 
 Legend: K = points of one pointing/counting record, given as [K, 2] (x, y).
@@ -22,15 +23,14 @@ import dataclasses
 import json
 import math
 import os
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from molmo_jax.data.synthetic import SyntheticConfig, SyntheticSource
 from molmo_jax.preprocess import points as points_lib
 from molmo_jax.preprocess.image_io import image_size
+from molmo_jax.registry import Registry
 
-SOURCE_KINDS = ("jsonl", "hf", "synthetic")
 POINT_TASKS = {"pointing": "pointing", "counting": "point_count"}   # task -> default style
 POINT_UNITS = ("pixels", "percent")
 NONE_ANSWER = "There are none."
@@ -405,28 +405,6 @@ class HFSource:
 
 
 # --------------------------------------------------------------------------------------------
-# Synthetic demo data
-# --------------------------------------------------------------------------------------------
-
-class SyntheticRecords:
-  """`SyntheticSource` items in the record schema (the scene's metadata is kept)."""
-
-  def __init__(self, source: SyntheticSource):
-    self.source = source
-
-  def __len__(self) -> int:
-    return len(self.source)
-
-  def __getitem__(self, index) -> dict[str, Any]:
-    item = dict(self.source[index])
-    item["conversations"] = [normalise_turns(item.pop("messages"), f"synthetic[{index}]")]
-    return item
-
-  def __repr__(self) -> str:
-    return f"SyntheticRecords({self.source!r})"
-
-
-# --------------------------------------------------------------------------------------------
 # Source configuration
 # --------------------------------------------------------------------------------------------
 
@@ -436,15 +414,15 @@ class SourceConfig:
 
   Attributes:
     name: unique name (errors and statistics use it).
-    kind: "jsonl" | "hf" | "synthetic".
+    kind: a registered source kind: "jsonl", "hf", or one a plugin adds ("synthetic").
     path: manifest file (jsonl) or dataset directory / parquet file(s) (hf).
-    rate: explicit mixture rate; leave None everywhere to use the sqrt(size) rule (spec §8.3).
+    rate: explicit mixture rate; leave None everywhere to use the sqrt(size) rule (the reference's launch_scripts/train_multitask_model.py and train_captioner.py).
     size: size that the sqrt rule counts instead of the true length (e.g. pixmo_cap as 50,000).
     group: group of the sqrt rule when the config gives group rates.
     style: style for records that carry none.
-    message_format: "role" (User:/Assistant:) or "none" (captioning stage, spec §7.1).
-    options: kind-specific: jsonl {image_root, check_images}; hf (see `HFSource`); synthetic
-      {num_examples, seed, split, task, config (SyntheticConfig fields)}.
+    message_format: "role" (User:/Assistant:) or "none" (captioning stage, the reference's olmo/data/data_formatter.py (chat format)).
+    options: kind-specific (`SourceKind.options`): jsonl {image_root, check_images}; hf (see
+      `HFSource`); synthetic {num_examples, seed, split, task, config (SyntheticConfig fields)}.
   """
 
   name: str
@@ -461,9 +439,11 @@ class SourceConfig:
     where = f"source {self.name!r}"
     if not isinstance(self.name, str) or not self.name:
       raise ValueError(f"source name: expected a non-empty str, got {self.name!r}")
-    if self.kind not in SOURCE_KINDS:
-      raise ValueError(f"{where}: kind must be one of {SOURCE_KINDS}, got {self.kind!r}")
-    if self.kind != "synthetic" and not self.path:
+    try:
+      kind = SOURCE_KINDS.get(self.kind)
+    except ValueError as e:
+      raise ValueError(f"{where}: {e}") from None
+    if kind.needs_path and not self.path:
       raise ValueError(f"{where}: kind {self.kind!r} needs a path")
     if self.rate is not None and not self.rate > 0:
       raise ValueError(f"{where}: rate must be positive, got {self.rate}")
@@ -485,28 +465,33 @@ class SourceConfig:
     return cls(**d)
 
 
-_OPTIONS = {
-    "jsonl": ("image_root", "check_images"),
-    "hf": ("split", "image_column", "messages_column", "question_column", "answer_column",
-           "style_column", "weight_column", "image_root"),
-    "synthetic": ("num_examples", "seed", "split", "task", "config"),
-}
+@dataclasses.dataclass(frozen=True)
+class SourceKind:
+  """How to open one kind of source: `open(cfg)` -> a random-access source of records."""
+
+  open: Callable[["SourceConfig"], Any]
+  options: tuple[str, ...] = ()
+  needs_path: bool = True
+
+
+SOURCE_KINDS = Registry(
+    "data source kind", hint="kinds from other modules register when they are imported (the "
+    "demo's 'synthetic': add 'molmo_jax.data.synthetic' to config.plugins)")
 
 
 def open_source(cfg: SourceConfig) -> Any:
   """The random-access source a `SourceConfig` describes."""
-  unknown = sorted(set(cfg.options) - set(_OPTIONS[cfg.kind]))
+  kind = SOURCE_KINDS.get(cfg.kind)
+  unknown = sorted(set(cfg.options) - set(kind.options))
   if unknown:
     raise ValueError(f"source {cfg.name!r}: unknown option(s) {unknown} for kind {cfg.kind!r}; "
-                     f"known: {list(_OPTIONS[cfg.kind])}")
-  if cfg.kind == "jsonl":
-    return JsonlSource(cfg.path, **cfg.options)
-  if cfg.kind == "hf":
-    return HFSource(cfg.path, **cfg.options)
-  options = dict(cfg.options)
-  if "num_examples" not in options:
-    raise ValueError(f"source {cfg.name!r}: synthetic sources need options.num_examples")
-  scene_config = {k: tuple(v) if isinstance(v, list) else v
-                  for k, v in dict(options.pop("config", {})).items()}
-  return SyntheticRecords(SyntheticSource(config=SyntheticConfig(**scene_config), **options))
+                     f"known: {list(kind.options)}")
+  return kind.open(cfg)
 
+
+SOURCE_KINDS.register("jsonl", SourceKind(lambda cfg: JsonlSource(cfg.path, **cfg.options),
+                                          ("image_root", "check_images")))
+SOURCE_KINDS.register("hf", SourceKind(lambda cfg: HFSource(cfg.path, **cfg.options),
+                                       ("split", "image_column", "messages_column",
+                                        "question_column", "answer_column", "style_column",
+                                        "weight_column", "image_root")))

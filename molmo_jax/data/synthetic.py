@@ -26,6 +26,7 @@ from typing import Literal
 
 import numpy as np
 
+from molmo_jax.data.sources import SOURCE_KINDS, SourceKind, normalise_turns
 from molmo_jax.preprocess import points as points_lib
 
 SHAPES = ("circle", "square", "triangle")
@@ -39,7 +40,7 @@ NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "
 BACKGROUNDS = ("plain", "gradient", "noise")
 TASKS = ("count", "points", "caption")
 
-# Which reference style each task trains (spec §7.2).
+# Which reference style each task trains (the reference's olmo/data/data_formatter.py (style prefixes)).
 TASK_STYLES = {"count": "point_count", "points": "pointing", "caption": "long_caption"}
 COUNT_TEMPLATES = ("How many {label} are there?", "Count the {label}.")
 POINT_TEMPLATES = ("Point to the {label}.", 'Point to all occurrences of "{label}"')
@@ -327,7 +328,7 @@ def _example(scene, task, question, answer, indices, label) -> dict:
 
 
 def count_example(scene: SyntheticScene, rng: np.random.Generator, config: SyntheticConfig) -> dict:
-  """"How many red circles are there?" answered in the reference counting format (spec §7.4)."""
+  """"How many red circles are there?" answered in the reference counting format (the reference's olmo/data/data_formatter.py (point and count answers))."""
   colour, shape = _query_kind(scene, rng, config)
   label = kind_label(colour, shape)
   indices = scene.indices_of(colour, shape)
@@ -424,3 +425,41 @@ def demo_sources(num_train: int, num_eval: int, seed: int = 0, config: Synthetic
   """The demo's train and held-out eval sources (disjoint streams)."""
   return (SyntheticSource(num_train, seed, config, task, split="train"),
           SyntheticSource(num_eval, seed, config, task, split="eval"))
+
+
+# --------------------------------------------------------------------------------------------
+# The "synthetic" data source kind (registered on import; recipes list this module in
+# config.plugins)
+# --------------------------------------------------------------------------------------------
+
+class SyntheticRecords:
+  """`SyntheticSource` items in the record schema of molmo_jax.data.sources (the scene's metadata
+  is kept)."""
+
+  def __init__(self, source: SyntheticSource):
+    self.source = source
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __getitem__(self, index) -> dict:
+    item = dict(self.source[index])
+    item["conversations"] = [normalise_turns(item.pop("messages"), f"synthetic[{index}]")]
+    return item
+
+  def __repr__(self) -> str:
+    return f"SyntheticRecords({self.source!r})"
+
+
+def open_synthetic(cfg) -> SyntheticRecords:
+  """A `SourceConfig` of kind "synthetic" -> its records."""
+  options = dict(cfg.options)
+  if "num_examples" not in options:
+    raise ValueError(f"source {cfg.name!r}: synthetic sources need options.num_examples")
+  scene_config = {k: tuple(v) if isinstance(v, list) else v
+                  for k, v in dict(options.pop("config", {})).items()}
+  return SyntheticRecords(SyntheticSource(config=SyntheticConfig(**scene_config), **options))
+
+
+SOURCE_KINDS.register("synthetic", SourceKind(
+    open_synthetic, ("num_examples", "seed", "split", "task", "config"), needs_path=False))

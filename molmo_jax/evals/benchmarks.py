@@ -1,4 +1,4 @@
-"""Per-benchmark rows -> examples (prompt, style, targets) and predictions -> scores (spec §7.2-7.3, §9).
+"""Per-benchmark rows -> examples (prompt, style, targets) and predictions -> scores (the reference's olmo/data/data_formatter.py (style prefixes); launch_scripts/eval_downstream.py).
 
 Each `parse_*` maps one raw row (see readers.py for the storage formats) to an `EvalExample`, raising
 `BadRow` for a row that cannot be evaluated. Each `score_*` maps the decoded answer of one example
@@ -54,7 +54,7 @@ class EvalExample:
 
   @property
   def full_prompt(self) -> str:
-    """What the model is asked: "{style}: {prompt}" (no prefix for demo styles, spec §7.2)."""
+    """What the model is asked: "{style}: {prompt}" (no prefix for demo styles, the reference's olmo/data/data_formatter.py (style prefixes))."""
     return with_style(self.prompt, self.style)
 
 
@@ -265,7 +265,7 @@ def score_mathvista(prediction: str, example: EvalExample, image_size=None) -> d
 
 
 # --------------------------------------------------------------------------------------------
-# Counting and pointing (CountBenchQA, PixMo-Count, PixMo-Points, synthetic)
+# Counting and pointing (CountBenchQA, PixMo-Count, PixMo-Points)
 # --------------------------------------------------------------------------------------------
 
 def _count(value: Any) -> int:
@@ -351,17 +351,3 @@ def score_pixmo_points(prediction: str, example: EvalExample, image_size) -> dic
   gt = points_lib.percent_to_pixels(np.asarray(example.targets["points_percent"]), image_size) \
       if example.targets["points_percent"] else np.zeros((0, 2))
   return metrics.pointing_metrics(prediction, gt, list(example.info["masks"]), image_size)
-
-
-def synthetic_example(item: dict, index: int) -> EvalExample:
-  """An EvalExample from one SyntheticSource item (molmo_jax.data.synthetic)."""
-  question = item["messages"][0]["content"]
-  targets = {"count": int(item["count"]), "label": item["label"],
-             "points": np.asarray(item["points"]).round(2).tolist()}
-  return EvalExample(str(index), item["image"], question, item["style"], targets,
-                     {"masks": item["masks"], "points": item["points"]})
-
-
-def score_synthetic_points(prediction: str, example: EvalExample, image_size) -> dict:
-  return metrics.pointing_metrics(prediction, example.info["points"], list(example.info["masks"]),
-                                  image_size)

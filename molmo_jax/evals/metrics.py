@@ -1,4 +1,4 @@
-"""Evaluation metrics: the public entry point (spec §9).
+"""Evaluation metrics: the public entry point (the reference's launch_scripts/eval_downstream.py).
 
 Each metric is a pure function of one example, `metric(prediction, references/targets, ...)`,
 returning a float or a dict of floats; `average_metrics` and `per_category_average` turn lists of
@@ -10,7 +10,7 @@ those into benchmark numbers. The implementations live by family:
   metrics_mathvista         MathVista extraction (rule-based or caller-supplied) and scoring
   metrics_counting_pointing counting (CountBench, PixMo-Count) and pointing P/R/F1
 
-Benchmark -> metric (spec §9.2): AI2D ai2d_mc_scores; ChartQA relaxed_correctness (+exact_match);
+Benchmark -> metric (the reference's olmo/eval/evaluators.py (metrics)): AI2D ai2d_mc_scores; ChartQA relaxed_correctness (+exact_match);
 VQAv2, TextVQA vqa_score; DocVQA, InfoVQA anls (+exact_match); RealWorldQA real_world_qa_score;
 MMMU mmmu_score; MathVista math_vista_score; CountBenchQA, PixMo-Count count_metrics["correct"];
 A-OKVQA mc_score / a_okvqa_score; PixMo-Points pointing_metrics.

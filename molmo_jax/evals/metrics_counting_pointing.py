@@ -1,4 +1,4 @@
-"""Counting (CountBenchQA, PixMo-Count) and pointing (PixMo-Points eval) metrics (spec §9.2).
+"""Counting (CountBenchQA, PixMo-Count) and pointing (PixMo-Points eval) metrics (the reference's olmo/eval/evaluators.py (metrics)).
 
 Legend: K = predicted points, G = ground-truth objects, [H, W] = original image (masks are
 per-object boolean [H, W] arrays in original-image pixels, points are (x, y) pixels).

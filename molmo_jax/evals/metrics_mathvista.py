@@ -1,4 +1,4 @@
-"""MathVista (testmini) scoring (spec §9.2 `math_vista_score`).
+"""MathVista (testmini) scoring (the reference's olmo/eval/evaluators.py (metrics) `math_vista_score`).
 
 The reference (and the paper) extracts the final answer from the response with a gpt-4-0613
 few-shot prompt, then normalises it by answer type and compares it exactly with the gold answer.

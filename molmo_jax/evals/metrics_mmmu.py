@@ -1,4 +1,4 @@
-"""MMMU answer parsing and scoring (spec §9.2 `mmmu_score`), re-written from the benchmark's
+"""MMMU answer parsing and scoring (the reference's olmo/eval/evaluators.py (metrics) `mmmu_score`), re-written from the benchmark's
 official rules (MMMU `main_parse_and_eval.py`, as vendored by the reference).
 
 Multiple choice: find "(A)" style mentions, else " A " style, else (for answers longer than five

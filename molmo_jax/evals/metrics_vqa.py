@@ -1,4 +1,4 @@
-"""Short-answer and multiple-choice metrics (spec §9.1-9.2): VQA score, A-OKVQA, ANLS, ChartQA
+"""Short-answer and multiple-choice metrics (the reference's launch_scripts/eval_downstream.py (protocol)): VQA score, A-OKVQA, ANLS, ChartQA
 relaxed correctness, exact match, option selection, AI2D subsets, RealWorldQA.
 
 Every metric is a pure function `metric(prediction, references, ...) -> float`. Predictions are

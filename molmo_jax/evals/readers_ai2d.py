@@ -1,6 +1,6 @@
 """AI2D from the official release (ai2d-all.zip): questions/, images/, annotations/ + test ids.
 
-The reference evaluates AI2D as its "mix" test split (spec §9.2): every question once on the plain
+The reference evaluates AI2D as its "mix" test split (the reference's olmo/eval/evaluators.py (metrics)): every question once on the plain
 image, and questions about abc-labelled diagrams ("abcLabel") a second time. For those the text
 boxes of the diagram are covered by letter boxes, drawn two ways:
 

@@ -202,8 +202,8 @@ def evaluate(predictor: Any, task: str | tasks_lib.Task, data: Any = None, limit
       Generation is sharded when the Predictor was built with a mesh, e.g.
       `mesh=sharding.make_mesh(data=-1)` over all local devices, as eval.py does.
     task: a task name (see `tasks.TASKS`) or a Task.
-    data: the dataset path; for synthetic tasks None (built from task_options and limit) or a
-      held-out SyntheticSource.
+    data: the dataset path; for tasks that build their data (`Task.default_data`, the synthetic
+      ones) None (built from task_options and limit) or what `task.load` takes.
     limit: evaluate the first `limit` rows only (the number of examples for synthetic tasks).
     output_dir: where predictions JSONL / metrics JSON go (None: nothing is written, no resume).
     batch_size: examples per generation call, rounded up to a multiple of the mesh size.
@@ -219,8 +219,8 @@ def evaluate(predictor: Any, task: str | tasks_lib.Task, data: Any = None, limit
   """
   task = tasks_lib.get_task(task)
   options = tasks_lib.check_options(task, task_options)
-  if task.name in tasks_lib.SYNTHETIC_TASKS and data is None:
-    data = tasks_lib.synthetic_source(task, limit, **options)
+  if task.default_data is not None and data is None:
+    data = task.default_data(limit, **options)
   stream = tasks_lib.take(task.load(data), limit)
   crops = max_crops if max_crops is not None else task.max_crops
   sampling = SamplingConfig(max_new_tokens=max_new_tokens or task.max_new_tokens)

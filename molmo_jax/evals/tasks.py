@@ -1,4 +1,4 @@
-"""The benchmark task registry (spec §9): what to read, how to ask, how to score, what the paper got.
+"""The benchmark task registry (the reference's launch_scripts/eval_downstream.py): what to read, how to ask, how to score, what the paper got.
 
     from molmo_jax.evals import tasks
     task = tasks.get_task("chartqa")
@@ -8,8 +8,11 @@ A `Task` bundles the reader of the data as users keep it (readers.py), the promp
 (benchmarks.py), the generation settings the paper used (36 crops for the high-resolution set, the
 model's 12 for counting; 12 new tokens, 192 for pointing/counting) and the metric. `PAPER_TABLE_1`
 holds the released models' numbers from the paper's Table 1 (arXiv 2409.17146); the spec itself only
-gives the 11-benchmark averages (68.6 / 74.6 / 77.3 / 81.2, spec §9.3), which these rows reproduce.
-Tasks outside Table 1 (PixMo-Points, synthetic) have no paper number.
+gives the 11-benchmark averages (68.6 / 74.6 / 77.3 / 81.2, the reference's README (reported numbers), which these rows reproduce.
+Tasks outside Table 1 (PixMo-Points, the demo's synthetic tasks) have no paper number.
+
+`TASKS` is a registry: other modules add tasks when imported (`register_task`), e.g. the demo's
+synthetic_count / synthetic_points from molmo_jax.evals.synthetic_tasks.
 """
 
 from __future__ import annotations
@@ -19,20 +22,18 @@ import itertools
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
-from molmo_jax.data.synthetic import SyntheticSource
 from molmo_jax.evals import benchmarks as bm
 from molmo_jax.evals.metrics import per_category_average
 from molmo_jax.evals.readers import (BadRow, DataError, Skip, Table, read_chartqa, read_vqa_v2,
                                      table_or_official)
 from molmo_jax.evals.readers_ai2d import read_ai2d_official
+from molmo_jax.registry import Registry
 
 EvalExample = bm.EvalExample
 HIGH_RES_CROPS = 36
 LOW_RES_CROPS = 12
 SHORT_ANSWER_TOKENS = 12
 POINTING_TOKENS = 192
-DEFAULT_SYNTHETIC_EXAMPLES = 64
-SYNTHETIC_OPTIONS = ("config", "seed")     # SyntheticConfig of the scenes, data seed
 
 # Paper Table 1 column order = the 11 academic benchmarks.
 ACADEMIC_TASKS = ("ai2d", "chartqa", "vqav2", "docvqa", "infovqa", "textvqa", "realworldqa",
@@ -46,7 +47,7 @@ _TABLE_1_ROWS = {
 # task -> {model preset name -> score in percent}
 PAPER_TABLE_1: dict[str, dict[str, float]] = {
   task: {model: row[i] for model, row in _TABLE_1_ROWS.items()} for i, task in enumerate(ACADEMIC_TASKS)}
-# README / spec §9.3 averages over the 11 benchmarks.
+# README / the reference's README (reported numbers) averages over the 11 benchmarks.
 PAPER_AVERAGE = {"molmoe-1b": 68.6, "molmo-7b-o": 74.6, "molmo-7b-d": 77.3, "molmo-72b": 81.2}
 
 
@@ -73,6 +74,9 @@ class Task:
   data_help: str = ""
   summarize: Callable[[Sequence[dict]], dict] | None = None
   options: tuple[str, ...] = ()    # names `evaluate(task_options=...)` accepts
+  # Tasks whose data is built rather than read (synthetic): (limit, **task_options) -> the
+  # `data` that `load` takes, used when no data is given.
+  default_data: Callable[..., Any] | None = None
 
   @property
   def in_average(self) -> bool:
@@ -120,20 +124,6 @@ def file_loader(task: str, parse, id_fields: Sequence[str] = (),
   def load(data: Any) -> ExampleStream:
     table = table_or_official(_path(data, task), official, splits)
     return ExampleStream(_examples(table, parse, id_fields), table.num_rows, table.description)
-  return load
-
-
-def synthetic_loader(kind: str):
-  """Held-out synthetic examples: `data` is a SyntheticSource (task `kind`, split "eval")."""
-  def load(data: Any) -> ExampleStream:
-    if not isinstance(data, SyntheticSource):
-      raise DataError(f"synthetic_{kind}: data must be a SyntheticSource (the runner builds one "
-                      f"from synthetic_config/seed/limit), got {type(data).__name__}")
-    if data.task != kind or data.split != "eval":
-      raise DataError(f"synthetic_{kind}: expected an eval-split SyntheticSource of task {kind!r}, "
-                      f"got task={data.task!r} split={data.split!r}")
-    items = (bm.synthetic_example(data[i], i) for i in range(len(data)))
-    return ExampleStream(items, len(data), repr(data))
   return load
 
 
@@ -223,30 +213,30 @@ def _build_registry() -> dict[str, Task]:
                bm.score_count, summarize=counting_summary),
     _file_task("pixmo_points", "PixMo-Points eval", "f1", lo, long, bm.parse_pixmo_points,
                bm.score_pixmo_points, splits=("test",)),
-    Task("synthetic_count", "synthetic counting (held-out)", "correct", None, long,
-         synthetic_loader("count"), bm.score_count, summarize=counting_summary,
-         data_help="built in: SyntheticSource(n, seed, config, task='count', split='eval')",
-         options=SYNTHETIC_OPTIONS),
-    Task("synthetic_points", "synthetic pointing (held-out)", "f1", None, long,
-         synthetic_loader("points"), bm.score_synthetic_points, summarize=pointing_summary,
-         data_help="built in: SyntheticSource(n, seed, config, task='points', split='eval')",
-         options=SYNTHETIC_OPTIONS),
   ]
-  return {t.name: t for t in tasks}
+  for task in tasks:
+    register_task(task)
 
 
-TASKS: dict[str, Task] = _build_registry()
-SYNTHETIC_TASKS = ("synthetic_count", "synthetic_points")
+TASKS = Registry("task", hint="tasks from other modules register when they are imported (the "
+                 "demo's synthetic_*: molmo_jax.evals.synthetic_tasks, which eval.py imports)")
+
+
+def register_task(task: Task) -> Task:
+  """Adds `task` under `task.name` (a plugin module calls this when imported)."""
+  return TASKS.register(task.name, task)
+
+
+_build_registry()
 
 
 def get_task(name: str | Task) -> Task:
   if isinstance(name, Task):
     return name
-  try:
-    return TASKS[name]
-  except KeyError:
+  if name not in TASKS:
     raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)} "
-                     f"(or 'all' for the 11 academic benchmarks)") from None
+                     f"(or 'all' for the 11 academic benchmarks); {TASKS.hint}")
+  return TASKS.get(name)
 
 
 def check_options(task: Task, options: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -257,15 +247,6 @@ def check_options(task: Task, options: Mapping[str, Any] | None) -> dict[str, An
     accepted = ", ".join(task.options) or "none"
     raise ValueError(f"task {task.name!r}: unknown task_options {unknown}; accepted: {accepted}")
   return options
-
-
-def synthetic_source(task: Task, num_examples: int | None, seed: int = 0,
-                     config=None) -> SyntheticSource:
-  """The held-out SyntheticSource a synthetic task evaluates on."""
-  from molmo_jax.data.synthetic import SyntheticConfig
-  kind = task.name.removeprefix("synthetic_")
-  n = DEFAULT_SYNTHETIC_EXAMPLES if num_examples is None else num_examples
-  return SyntheticSource(n, seed, config or SyntheticConfig(), task=kind, split="eval")
 
 
 def take(stream: ExampleStream, limit: int | None) -> ExampleStream:

@@ -1,4 +1,4 @@
-"""Vision-language connector (spec §4): ViT features -> one d_model vector per pooled cell.
+"""Vision-language connector (the reference's olmo/model.py (vision backbone: pooling and projector)): ViT features -> one d_model vector per pooled cell.
 
 Legend: B crops, P patches per crop (g x g grid), C concatenated ViT width (K layers x Dv),
 Q pooled cells per crop, W patches per pooling window (2x2 = 4), Dv pooled width, D LLM width.

@@ -1,4 +1,4 @@
-"""Decoder-only language model (spec §5): Qwen2 / OLMo-7B-1024 / OLMoE blocks, scanned.
+"""Decoder-only language model (the reference's olmo/model.py (decoder blocks)): Qwen2 / OLMo-7B-1024 / OLMoE blocks, scanned.
 
 Legend: B batch, T query length, S key length (= T, or the KV-cache length), D width, L layers,
 K kv heads, h head dim, V_emb rows of the pretrained table, V = V_emb + additional rows.
@@ -81,7 +81,7 @@ class DecoderBlock(nn.Module):
 
 
 class Embedding(nn.Module):
-  """Lookup over concat(pretrained [V_emb, D], new [A, D]) (spec §2.1; `pretrained` is frozen)."""
+  """Lookup over concat(pretrained [V_emb, D], new [A, D]) (the reference's olmo/tokenizer.py (special tokens); `pretrained` is frozen)."""
 
   config: LLMConfig
   dtype: Any = jnp.float32

@@ -167,7 +167,7 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
 
 def causal_segment_mask(query_segments: Array, key_segments: Array, key_valid: Array,
                         query_slots: Array, key_slots: Array) -> Array:
-  """Boolean attention mask [B, T, S] of the reference (spec §8.2, §2.5).
+  """Boolean attention mask [B, T, S] of the reference (the reference's olmo/data/model_preprocessor.py (several conversations per image); olmo/data/collator.py).
 
   A query attends a key iff the key is not padding, the key comes no later than the query
   (slot order) and seg_q <= seg_k (packed conversations see the shared image and themselves).
@@ -286,7 +286,7 @@ class DecoderAttention(nn.Module):
     k = checkpoint_name(proj("key", self.num_kv_heads, "kv_heads")(x), "key_proj")
     v = checkpoint_name(proj("value", self.num_kv_heads, "kv_heads")(x), "value_proj")
     if self.qk_norm:
-      # Normalised over the whole projection width, before the head split (spec pitfall 20).
+      # Normalised over the whole projection width, before the head split (as the reference's olmo/model.py does).
       norm = lambda name: RMSNorm(self.norm_eps, self.dtype, self.param_dtype, name=name)
       q = norm("q_norm")(q.reshape(b, t, -1)).reshape(q.shape)
       k = norm("k_norm")(k.reshape(b, t, -1)).reshape(k.shape)

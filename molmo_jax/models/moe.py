@@ -1,4 +1,4 @@
-"""Mixture-of-experts SwiGLU layer (spec §5.3, OLMoE / MolmoE-1B).
+"""Mixture-of-experts SwiGLU layer (the reference's olmo/model.py (OLMoEBlock), OLMoE / MolmoE-1B).
 
 Legend: B batch, T length, N = B*T tokens, D width, E experts, k experts per token,
 F expert MLP width, G groups (batch rows) in the capacity path, C capacity per expert and group.

@@ -1,4 +1,4 @@
-"""Molmo: where the image features enter the text (spec §2.4, §5.4).
+"""Molmo: where the image features enter the text (the reference's olmo/data/model_preprocessor.py (image_input_idx); olmo/model.py (forward pass)).
 
 Legend: B batch, T text length, N crops per example (max_crops + 1), P patches per crop,
 C patch values, Q pooled cells per crop, D LLM width, S key length (T or the KV-cache length).

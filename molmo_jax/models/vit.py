@@ -1,4 +1,4 @@
-"""CLIP-style vision transformer (spec §3): pre-LN, quick-GELU, CLS token, learned positions.
+"""CLIP-style vision transformer (the reference's olmo/image_vit.py): pre-LN, quick-GELU, CLS token, learned positions.
 
 Legend: B crops, P patches per crop, S = P + 1 (CLS), C patch values (p*p*3), D width,
 L blocks, K selected layers.

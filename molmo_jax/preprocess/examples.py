@@ -15,9 +15,9 @@ adds it): inference input_ids = tokens; training input_ids = tokens[:-1], target
 docs/fidelity.md).
 Each image's block replaces its `<|image|>` marker when the text has markers, else all blocks go
 right after BOS. `image_input_idx` indexes input_ids (the +1 for BOS is included); discarded cells
-stay -100 (the reference adds the insertion offset to them too, spec §10.35; we do not).
+stay -100 (the reference adds the insertion offset to them too, the reference's olmo/data/model_preprocessor.py (a bug there); we do not).
 
-Packing several conversations about one image (spec §8.2), e.g. image block I, conversations a, b:
+Packing several conversations about one image (the reference's olmo/data/model_preprocessor.py (several conversations per image)), e.g. image block I, conversations a, b:
   input_ids      BOS I I I a a a a b b b      (the last EOS is only a target)
   subsegment_ids  S S S S 1 1 1 1 2 2 2       S = ATTEND_ALL_SUBSEGMENT (BOS takes the first token's)
   position_ids    0 1 2 3 4 5 6 7 4 5 6       cumsum(seg >= s) - 1 for the tokens of segment s
@@ -256,7 +256,7 @@ def _image_arrays(images: list[MultiCropImage], blocks: list[tuple[np.ndarray, n
 
 
 def position_ids_from_segments(subsegment_ids: np.ndarray) -> np.ndarray:
-  """[T] position of each token: cumsum(seg >= s) - 1 over the tokens of segment s (spec §8.2)."""
+  """[T] position of each token: cumsum(seg >= s) - 1 over the tokens of segment s (the reference's olmo/data/model_preprocessor.py (several conversations per image))."""
   seg = np.asarray(subsegment_ids)
   if seg.ndim != 1:
     raise ValueError(f"subsegment_ids must be [T], got shape {seg.shape}")
@@ -282,7 +282,7 @@ def attention_mask_from_segments(subsegment_ids: np.ndarray, valid: np.ndarray) 
 
 
 # --------------------------------------------------------------------------------------------
-# Collation (spec §2.5)
+# Collation (the reference's olmo/data/collator.py)
 # --------------------------------------------------------------------------------------------
 
 _PAD = {"loss_weights": 0.0}  # 0, not the reference's -1: weight sums stay right without a > 0 test

@@ -1,4 +1,4 @@
-"""Molmo's multi-crop image pre-processing (spec §1, §2.4), vectorised NumPy.
+"""Molmo's multi-crop image pre-processing (the reference's olmo/data/model_preprocessor.py; olmo/data/model_preprocessor.py (image_input_idx)), vectorised NumPy.
 
 Legend:
   H, W    image size in pixels (after EXIF orientation)
@@ -40,7 +40,7 @@ _F32 = np.float32
 
 
 # ----------------------------------------------------------------------------------------------
-# Resize and letterbox (spec §1.3)
+# Resize and letterbox (the reference's olmo/data/model_preprocessor.py: resize_and_pad)
 # ----------------------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
@@ -283,7 +283,7 @@ def _sequential_sum(weights: np.ndarray) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------
-# Crop grid and layout (spec §1.4, §1.5, §2.4)
+# Crop grid and layout (the reference's olmo/data/model_preprocessor.py: select_tiling; olmo/data/model_preprocessor.py (high-resolution crops); olmo/data/model_preprocessor.py (image_input_idx))
 # ----------------------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
@@ -340,7 +340,7 @@ def _candidate_grids(max_crops: int) -> np.ndarray:
 
 def select_crop_grid(height: int, width: int, max_crops: int,
                      cfg: PreprocessConfig) -> tuple[int, int]:
-  """(rows, cols) of high-res crops for an image (spec §1.4, pitfall 3).
+  """(rows, cols) of high-res crops for an image (the reference's olmo/data/model_preprocessor.py: select_tiling, pitfall 3).
 
   Scales are float32 `grid * window_px / (size - margin_px)`; the least up-scaling grid wins, or,
   when every grid must shrink the image, the least down-scaling one; ties go to the first grid in
@@ -395,7 +395,7 @@ def crop_layout(height: int, width: int, cfg: PreprocessConfig,
 def _kept_cells(tiles: int, geo: _Geometry) -> np.ndarray:
   """[tiles, cells]: index of each crop's pooled row (or column) in the whole hi-res grid, or -1.
 
-  Crops keep their outer-border cells and drop the margin cells facing a neighbour (§1.5.3).
+  Crops keep their outer-border cells and drop the margin cells facing a neighbour (the reference's olmo/data/model_preprocessor.py (high-resolution crops)).
   """
   local = np.arange(geo.cells)
   tile = np.arange(tiles)[:, None]
@@ -408,7 +408,7 @@ def _kept_cells(tiles: int, geo: _Geometry) -> np.ndarray:
 def _feature_rank(rows: int, cols: int, geo: _Geometry) -> np.ndarray:
   """[N, Q]: global cells 0..Q-1 in raster order, then hi-res cell k of the pooled grid -> Q + k.
 
-  This is the inverse permutation that the reference builds from crop-major ids (§2.4).
+  This is the inverse permutation that the reference builds from crop-major ids (the reference's olmo/data/model_preprocessor.py (image_input_idx)).
   """
   cells_per_crop = geo.cells * geo.cells
   row_index = _kept_cells(rows, geo)[:, None, :, None]      # [rows, 1, cells, 1]
@@ -422,14 +422,14 @@ def _feature_rank(rows: int, cols: int, geo: _Geometry) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------
-# Crops, patches, masks (spec §1.5 - §1.8)
+# Crops, patches, masks (the reference's olmo/data/model_preprocessor.py (high-resolution crops) - the reference's olmo/data/model_preprocessor.py (image_masks))
 # ----------------------------------------------------------------------------------------------
 
 def multicrop_image(image: np.ndarray, cfg: PreprocessConfig,
                     max_crops: int | None = None) -> MultiCropImage:
   """Cuts an RGB uint8 [H, W, 3] image into the global view plus overlapping high-res crops.
 
-  Masks follow the released models (§1.8): image k is paired with the mask of crop k, so the
+  Masks follow the released models (the reference's olmo/data/model_preprocessor.py (image_masks)): image k is paired with the mask of crop k, so the
   global view gets crop 0's mask and the last crop an all -1 row. With cfg.fix_image_padding each
   crop gets its own mask and the global view all ones.
   """
@@ -445,7 +445,7 @@ def multicrop_image(image: np.ndarray, cfg: PreprocessConfig,
   workspace = _thread_workspace()
   pixels = to_unit_float(image, cfg.resize_method, out=workspace.array("pixels", image.shape))
   canvas, box = _normalized_letterbox(pixels, layout.canvas_size, cfg, workspace, "canvas")
-  # The global view's own validity mask is discarded, as in the reference (§1.6).
+  # The global view's own validity mask is discarded, as in the reference (the reference's olmo/data/model_preprocessor.py (global view)).
   global_view, _ = _normalized_letterbox(pixels, (cfg.crop_size, cfg.crop_size), cfg, workspace,
                                          "global_view")
 

@@ -1,4 +1,4 @@
-"""Pointing and counting text format: write, parse, validate and draw points (spec §7.4, §10.33).
+"""Pointing and counting text format: write, parse, validate and draw points (the reference's olmo/data/data_formatter.py (point and count answers); olmo/data/data_formatter.py (points)).
 
 The models answer pointing questions with XML-like tags whose coordinates are PERCENT (0-100, one
 decimal) of the ORIGINAL image width/height (after EXIF orientation), never of the letterboxed

@@ -1,16 +1,16 @@
-"""Tokenizer, image special tokens, image token blocks and prompt strings (spec §2.1-2.4, §7.1-7.3).
+"""Tokenizer, image special tokens, image token blocks and prompt strings (the reference's olmo/tokenizer.py (special tokens); olmo/data/data_formatter.py (chat format)).
 
 Legend: L = tokens of one image block, F = <im_patch> tokens of one image (= kept pooled cells),
 N = crops of one image incl. the global view, Q = pooled cells per crop.
 
-Id rule (spec §2.1): the text tokenizer is padded with placeholders `|<EXTRA_TOKENS_i>|` up to the
+Id rule (the reference's olmo/tokenizer.py (special tokens)): the text tokenizer is padded with placeholders `|<EXTRA_TOKENS_i>|` up to the
 model's `vocab_size`, then the five image tokens take ids vocab_size+0..4 in the fixed order
 <im_start>, <im_end>, <im_patch>, <im_col>, <|image|>. We never materialise the placeholders: the
 five strings are split out of the text before the `tokenizers` model sees it, so an un-padded
 tokenizer file and a released one (which ships the placeholders and the five tokens) give the same
 ids. Neither Qwen2 nor the OLMo tokenizers define a BOS, so BOS is the EOS token.
 
-Prompt strings (spec §7): user turns are wrapped as "User: {q} Assistant:", assistant turns are the
+Prompt strings (the reference's olmo/data/data_formatter.py): user turns are wrapped as "User: {q} Assistant:", assistant turns are the
 bare answer (+ EOS at tokenisation), and every message but the first gets a leading space, the
 first one too with `always_start_with_space`:
   " User: {q} Assistant:" " {answer}" <EOS> " User: {q2} Assistant:" ...
@@ -27,6 +27,7 @@ import numpy as np
 import tokenizers
 
 from molmo_jax.preprocess.types import IGNORED_INDEX, MultiCropImage
+from molmo_jax.registry import Registry
 
 IMAGE_START = "<im_start>"
 IMAGE_END = "<im_end>"
@@ -37,6 +38,13 @@ IMAGE_PROMPT = "<|image|>"
 IMAGE_SPECIAL_TOKENS = (IMAGE_START, IMAGE_END, IMAGE_PATCH, IMAGE_COL, IMAGE_PROMPT)
 DEFAULT_EOS_TOKEN = "<|endoftext|>"
 PLACEHOLDER_PATTERN = re.compile(r"\|<EXTRA_TOKENS_\d+>\|")
+
+# Tokenizers built in code rather than read from a tokenizer.json directory: name -> factory
+# (vocab_size -> tokenizers.Tokenizer, eos token string). The demo registers "builtin:demo".
+BUILTIN_TOKENIZERS = Registry(
+    "built-in tokenizer", hint="tokenizers from other modules register when they are imported "
+    "(the demo's 'builtin:demo': add 'molmo_jax.data.demo_tokenizer' to config.plugins)")
+BUILTIN_PREFIX = "builtin:"
 
 _SPECIAL_SPLIT = re.compile("(" + "|".join(re.escape(s) for s in IMAGE_SPECIAL_TOKENS) + ")")
 
@@ -87,6 +95,15 @@ class MolmoTokenizer:
     if eos_token is None:
       eos_token = _eos_from_configs(directory) or DEFAULT_EOS_TOKEN
     return cls(tokenizers.Tokenizer.from_file(path), vocab_size, eos_token)
+
+  @classmethod
+  def from_name_or_directory(cls, name: str | os.PathLike, vocab_size: int) -> "MolmoTokenizer":
+    """"builtin:<name>" (a registered built-in tokenizer) or a directory with tokenizer.json."""
+    if isinstance(name, str) and name.startswith(BUILTIN_PREFIX):
+      build = BUILTIN_TOKENIZERS.get(name)
+      tokenizer, eos_token = build(vocab_size)
+      return cls(tokenizer, vocab_size, eos_token)
+    return cls.from_checkpoint(name, vocab_size)
 
   def _check_ids_beyond_vocab(self) -> None:
     """Every id >= vocab_size in the file must be the image token that the id rule puts there."""
@@ -142,7 +159,7 @@ def _eos_from_configs(directory: str | os.PathLike) -> str | None:
 
 
 # --------------------------------------------------------------------------------------------
-# Image token blocks (spec §2.2, §2.4)
+# Image token blocks (the reference's olmo/data/model_preprocessor.py (image token blocks); olmo/data/model_preprocessor.py (image_input_idx))
 # --------------------------------------------------------------------------------------------
 
 def _grid_tokens(grid: tuple[int, int], tok: MolmoTokenizer, use_col_tokens: bool) -> np.ndarray:
@@ -173,7 +190,7 @@ def image_input_idx(image: MultiCropImage, patch_positions: np.ndarray, offset: 
   """[N, Q] int32: sequence position of the <im_patch> token each pooled cell is added to.
 
   `offset` is where the image block starts in the sequence. Discarded cells stay IGNORED_INDEX:
-  the reference also adds the offset to them (spec §10.35), which can make them valid; we do not.
+  the reference also adds the offset to them (the reference's olmo/data/model_preprocessor.py (a bug there)), which can make them valid; we do not.
   """
   rank = np.asarray(image.feature_rank)
   num_features = len(patch_positions)
@@ -192,7 +209,7 @@ def image_input_idx(image: MultiCropImage, patch_positions: np.ndarray, offset: 
 
 
 # --------------------------------------------------------------------------------------------
-# Prompt strings (spec §7.1-7.3)
+# Prompt strings (the reference's olmo/data/data_formatter.py (chat format))
 # --------------------------------------------------------------------------------------------
 
 # Styles whose prefix is used only ~10 % of the time in training and never at inference.
@@ -205,7 +222,7 @@ MULTIPLE_CHOICE_LABELS = "ABCDEFG"
 
 
 def style_prefix(style: str | None, rng: Any = None) -> str:
-  """The "{style}:" system prefix of `demo_or_style` prompting, or "" (spec §7.2).
+  """The "{style}:" system prefix of `demo_or_style` prompting, or "" (the reference's olmo/data/data_formatter.py (style prefixes)).
 
   `rng` (numpy Generator or RandomState) is given in training: demo styles then keep their
   prefix 10 % of the time, as the release was trained. Without it (inference) they get none.
@@ -234,7 +251,7 @@ def with_style(prompt: str, style: str | None, rng: Any = None) -> str:
 
 def caption_length_prompt(style: str = "long_caption", target: str | None = None, rng: Any = None,
                           inference_length: int | None = DEFAULT_INFERENCE_CAPTION_LENGTH) -> str:
-  """Prompt body of `style_and_length` captioning (pre-training stage, spec §7.2).
+  """Prompt body of `style_and_length` captioning (pre-training stage, the reference's olmo/data/data_formatter.py (style prefixes)).
 
   Training (`target` and `rng` given): "{style} {n}:" with n = (len(target) + int(N(0, 25))) // 15
   for 90 % of examples, else "{style} :". Inference: n = `inference_length`. The leading space of
@@ -255,7 +272,7 @@ def caption_length_prompt(style: str = "long_caption", target: str | None = None
 
 def format_messages(messages: Sequence[str], message_format: str = "role",
                     always_start_with_space: bool = True) -> list[str]:
-  """Chat strings of alternating user/assistant turns (spec §7.1).
+  """Chat strings of alternating user/assistant turns (the reference's olmo/data/data_formatter.py (chat format)).
 
   format_messages(["q", "a"]) == [" User: q Assistant:", " a"]; EOS is added at tokenisation.
   `message_format="none"` (captioning stage) only adds the spaces.
@@ -276,7 +293,7 @@ def format_messages(messages: Sequence[str], message_format: str = "role",
 
 def format_multiple_choice(question: str, options: Sequence[str], answer_index: int | None = None,
                            labelled: bool = True) -> tuple[str, str | None]:
-  """Multiple-choice prompt and target (spec §7.3).
+  """Multiple-choice prompt and target (the reference's olmo/data/data_formatter.py (prompt templates)).
 
   Labelled: "{question}\\nA: opt1\\nB: opt2\\n", target the letter. Unlabelled (AI2D diagrams whose
   options are letters drawn in the image): "{question}\\nopt1\\nopt2\\n", target the option text.

@@ -20,7 +20,7 @@ class MultiCropImage:
   Attributes:
     images: [N, P, C] float32, normalised pixels, patches in (dy, dx, c) order; global view first.
     image_masks: [N, P] float32, fraction of real (non-letterbox) pixels per patch, paired with
-      the crops as the released models were trained (spec §1.8 off-by-one) unless fixed.
+      the crops as the released models were trained (the reference's olmo/data/model_preprocessor.py (image_masks) off-by-one) unless fixed.
     feature_rank: [N, Q] int32. For each pooled cell, its index in this image's sequence of
       <im_patch> tokens: 0..Q-1 are the global view's cells in raster order, Q + k is the k-th
       cell of the high-res pooled grid in raster order. IGNORED_INDEX for discarded cells.

@@ -1,7 +1,8 @@
-"""Training: loss, optimizer (parameter groups, schedules, per-component clipping), checkpoints."""
+"""Training: loss, optimizer (parameter groups, schedules, per-component clipping), training checkpoints.
 
-from molmo_jax.training.checkpoint import (ModelCheckpoint, TrainCheckpointer, load_model_checkpoint,
-                                           restore_params_only, save_model_checkpoint)
+Model directories (save / load) are `molmo_jax.model_dir`."""
+
+from molmo_jax.training.checkpoint import TrainCheckpointer
 from molmo_jax.training.loss import (loss_from_sums, loss_sums, loss_weight_sum,
                                      token_cross_entropy)
 from molmo_jax.training.optimizer import (COMPONENT_RULES, MolmoOptimizer, OptimizerConfig,

@@ -20,7 +20,6 @@ import time
 from typing import Any, Mapping
 
 import jax
-import numpy as np
 
 from molmo_jax import sharding as sharding_lib
 from molmo_jax.errors import UserError
@@ -107,42 +106,23 @@ def _memory(compiled) -> dict[str, int]:
 
 def compile_train_step(config: Any, topology: str, mesh_shape: Mapping[str, int] | None = None
                        ) -> CompileReport:
-  """Lowers and compiles the train step that `config` describes for `topology`."""
-  from molmo_jax.models.molmo import Molmo
-  from molmo_jax.training import flops as flops_lib, train_step as step_lib
-  from molmo_jax.training.loop import build_model_config, data_config
-  from molmo_jax.training.optimizer import OptimizerConfig, build_optimizer
+  """Lowers and compiles the train step that `config` describes for `topology` (mesh_shape:
+  overrides config.mesh), built by `molmo_jax.experiment.build` as training builds it."""
+  from molmo_jax import experiment as experiment_lib
 
   generation, chips = parse_topology(topology)
   devices = topology_devices(topology)
-  mesh_shape = dict(mesh_shape or dict(config.mesh))
-  mesh = sharding_lib.make_mesh(devices=devices, **mesh_shape)
-  model_cfg = build_model_config(config.model, "")
-  data_cfg = data_config(config.data)
-  max_crops = data_cfg.max_crops or model_cfg.preprocess.max_crops
-  model = Molmo(model_cfg)
-  spec = step_lib.batch_spec(model_cfg, data_cfg.global_batch_size, data_cfg.seq_len, max_crops)
-  optimizer = build_optimizer(
-      OptimizerConfig.from_mapping({**dict(config.optimizer.to_dict()), "total_steps": int(config.total_steps)}),
-      step_lib.abstract_params(model, spec))
-  abstract, shardings = step_lib.abstract_train_state(model, optimizer, mesh, spec)
-  step_cfg = step_lib.StepConfig(micro_batches=int(config.micro_batches),
-                                 z_loss_weight=float(config.z_loss_weight))
-  step_fn = step_lib.make_train_step(model, optimizer, mesh, shardings, spec, step_cfg)
-  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sh)
-           for (k, v), sh in zip(spec.items(), step_lib.batch_shardings(mesh, spec).values())}
-  params = abstract.params
+  exp = experiment_lib.build(config, devices=devices, mesh_shape=mesh_shape)
+  abstract, batch = exp.abstract_state, exp.abstract_batch()
   report = CompileReport(
-      topology=topology, chips=chips, mesh={k: int(v) for k, v in mesh.shape.items()}, fits=False,
-      hbm_per_chip_bytes=HBM_BYTES[generation],
-      model_flops_per_step=flops_lib.train_step_flops(model_cfg, data_cfg.global_batch_size,
-                                                      data_cfg.seq_len, max_crops + 1).train,
-      param_count=int(sum(np.prod(p.shape) for p in jax.tree.leaves(params))),
-      param_sharding=sharding_lib.describe(shardings.params))
+      topology=topology, chips=chips, mesh={k: int(v) for k, v in exp.mesh.shape.items()},
+      fits=False, hbm_per_chip_bytes=HBM_BYTES[generation],
+      model_flops_per_step=exp.step_flops(), param_count=exp.param_count(),
+      param_sharding=sharding_lib.describe(exp.state_shardings.params))
   start = time.time()
   try:
-    with sharding_lib.activate(mesh):
-      lowered = step_fn.jitted.lower(abstract, batch)
+    with sharding_lib.activate(exp.mesh):
+      lowered = exp.train_step.jitted.lower(abstract, batch)
       compiled = lowered.compile()
   except Exception as e:  # XLA reports OOM as RESOURCE_EXHAUSTED at compile time
     report.compile_seconds = time.time() - start

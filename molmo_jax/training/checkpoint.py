@@ -1,4 +1,4 @@
-"""Checkpoints: training state (Orbax CheckpointManager) and self-contained model directories.
+"""Training checkpoints: the full training state of a run (Orbax CheckpointManager).
 
 Training checkpoints live in `<root>/<step>/` with one Orbax item per part:
 
@@ -8,40 +8,25 @@ Training checkpoints live in `<root>/<step>/` with one Orbax item per part:
 
 Orbax writes each step into `<step>.orbax-checkpoint-tmp*` and renames it when every item is
 written, so a save killed half-way never shows up as a step (`latest_step` ignores it and the
-next manager removes it).
-
-A model directory is what converters write and predict/eval read:
-
-  <dir>/params/        Orbax PyTree checkpoint of the parameters
-  <dir>/config.json    MolmoConfig.to_json()
-  <dir>/tokenizer/     tokenizer files (optional)
-
-It is assembled in a hidden sibling directory and renamed into place at the end, so a failed
-write leaves nothing at `<dir>` (molmo_jax.output_dirs).
+next manager removes it). Model directories (what converters write and predict/eval read) are
+`molmo_jax.model_dir`.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Mapping
 
-import etils.epath as epath
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
 from molmo_jax import errors
-from molmo_jax.config import MolmoConfig
-from molmo_jax.output_dirs import staged_directory
-from molmo_jax.training.optimizer import path_name
+from molmo_jax.model_dir import check_stored_tree
 
 _ITEMS = ("params", "opt_state", "meta")
-_PARAMS_DIR = "params"
-_CONFIG_FILE = "config.json"
-_TOKENIZER_DIR = "tokenizer"
 
 
 def _json_state(state: Any, where: str) -> Any:
@@ -88,51 +73,6 @@ def _rng_from_json(stored: dict[str, Any] | None, target: Any) -> Any:
 
 
 # ------------------------------------------------------------------------------------------
-# Tree validation
-# ------------------------------------------------------------------------------------------
-
-def _shapes_by_name(tree: Any) -> dict[str, tuple[int, ...]]:
-  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {path_name(path): tuple(leaf.shape) for path, leaf in flat}
-
-
-def check_tree_matches(stored: Any, expected: Any, where: str) -> None:
-  """Raises a ValueError listing missing, unexpected and mis-shaped leaves of `stored`."""
-  have, want = _shapes_by_name(stored), _shapes_by_name(expected)
-  missing = sorted(set(want) - set(have))
-  unexpected = sorted(set(have) - set(want))
-  mismatched = [f"{n}: stored {have[n]}, expected {want[n]}"
-                for n in sorted(set(have) & set(want)) if have[n] != want[n]]
-  if missing or unexpected or mismatched:
-    problems = []
-    for label, items in (("missing", missing), ("unexpected", unexpected),
-                         ("shape mismatch", mismatched)):
-      if items:
-        shown = ", ".join(items[:8]) + (f", ... ({len(items)} in all)" if len(items) > 8 else "")
-        problems.append(f"{label}: {shown}")
-    raise ValueError(f"{where}: parameter tree does not match the expected one; "
-                     + "; ".join(problems))
-
-
-def _check_stored_tree(directory: Path, target: Any, where: str) -> None:
-  try:
-    stored = ocp.StandardCheckpointHandler().metadata(epath.Path(directory)).tree
-  except Exception as e:  # noqa: BLE001 - any failure to read _METADATA is unreadable storage
-    raise errors.unreadable_data(where, e) from e
-  check_tree_matches(stored, target, where)
-
-
-def _restore_pytree(directory: Path, target: Any, where: str) -> Any:
-  if target is not None:
-    _check_stored_tree(directory, target, where)
-  handler = ocp.StandardCheckpointHandler()
-  try:
-    return handler.restore(epath.Path(directory), args=ocp.args.StandardRestore(target))
-  except Exception as e:  # noqa: BLE001 - the tree matched, so a failure here is the stored bytes
-    raise errors.unreadable_data(where, e) from e
-
-
-# ------------------------------------------------------------------------------------------
 # Training checkpoints
 # ------------------------------------------------------------------------------------------
 
@@ -154,6 +94,7 @@ class TrainCheckpointer:
     if keep is not None and keep < 1:
       raise ValueError(f"keep: expected >= 1 or None (keep all), got {keep}")
     self.directory = Path(directory).absolute()
+    self.async_save = bool(async_save)
     options = ocp.CheckpointManagerOptions(
         save_decision_policy=ocp.checkpoint_managers.FixedIntervalPolicy(save_every),
         preservation_policy=ocp.checkpoint_managers.LatestN(keep),
@@ -222,7 +163,7 @@ class TrainCheckpointer:
       raise ValueError(f"abstract_state: unknown key(s) {unknown}; expected params, opt_state, rng")
     step_dir = self.directory / str(step)
     if abstract_state.get("params") is not None:
-      _check_stored_tree(step_dir / "params", abstract_state["params"], f"checkpoint step {step}")
+      check_stored_tree(step_dir / "params", abstract_state["params"], f"checkpoint step {step}")
 
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(
@@ -256,93 +197,3 @@ class TrainCheckpointer:
 
   def __exit__(self, *exc) -> None:
     self.close()
-
-
-def restore_params_only(path: str | os.PathLike, abstract_params: Any = None) -> Any:
-  """Parameters alone, to initialise training from a converted or earlier checkpoint.
-
-  `path` may be a model directory, a training checkpoint step (`<root>/<step>`) or an Orbax
-  PyTree directory itself. `abstract_params` (ShapeDtypeStructs with shardings) is validated
-  against what is stored and used as the restore target.
-  """
-  path = Path(path)
-  params_dir = path / _PARAMS_DIR if (path / _PARAMS_DIR).is_dir() else path
-  if not (params_dir / "_METADATA").is_file():
-    raise FileNotFoundError(f"{path}: no Orbax parameter checkpoint here (expected "
-                            f"{path / _PARAMS_DIR}/_METADATA or {path}/_METADATA)")
-  return _restore_pytree(params_dir, abstract_params, str(path))
-
-
-# ------------------------------------------------------------------------------------------
-# Model directories
-# ------------------------------------------------------------------------------------------
-
-class ModelCheckpoint(NamedTuple):
-  params: Any
-  config: MolmoConfig
-  tokenizer_dir: Path | None
-
-
-def _config_text(config: MolmoConfig | str) -> str:
-  if isinstance(config, MolmoConfig):
-    return config.to_json()
-  if not isinstance(config, str):
-    raise ValueError(f"config_json: expected a MolmoConfig or its JSON text, got "
-                     f"{type(config).__name__}")
-  try:
-    return MolmoConfig.from_json(config).to_json()
-  except json.JSONDecodeError as e:
-    raise ValueError(f"config_json: not valid JSON: {e}") from None
-
-
-def save_model_checkpoint(directory: str | os.PathLike, params: Any, config_json: MolmoConfig | str,
-                          tokenizer_dir: str | os.PathLike | None = None,
-                          overwrite: bool = False) -> Path:
-  """Writes a model directory atomically (see the module docstring); returns its path.
-
-  Single-process: the staging directory and the renames are done by this process (a multi-host
-  converter must gather the parameters to one host or add a barrier around the renames).
-  """
-  directory = Path(directory).absolute()
-  if directory.exists() and not overwrite:
-    raise FileExistsError(f"{directory} already exists; pass overwrite=True to replace it")
-  if tokenizer_dir is not None and not Path(tokenizer_dir).is_dir():
-    raise FileNotFoundError(f"tokenizer_dir: {tokenizer_dir} is not a directory")
-  config_text = _config_text(config_json)
-  with staged_directory(directory) as staging:
-    checkpointer = ocp.Checkpointer(ocp.StandardCheckpointHandler())
-    checkpointer.save(epath.Path(staging / _PARAMS_DIR), args=ocp.args.StandardSave(params))
-    (staging / _CONFIG_FILE).write_text(config_text)
-    if tokenizer_dir is not None:
-      shutil.copytree(tokenizer_dir, staging / _TOKENIZER_DIR)
-  return directory
-
-
-def load_model_checkpoint(directory: str | os.PathLike, expected_params: Any = None
-                          ) -> ModelCheckpoint:
-  """Reads a model directory; validates config and (when given) the parameter tree.
-
-  expected_params: a tree of arrays or jax.ShapeDtypeStruct (with `.sharding` to restore sharded,
-    and a dtype to cast to); every path and shape must match what is stored.
-  """
-  directory = Path(directory)
-  if not directory.is_dir():
-    raise FileNotFoundError(f"model directory {directory} does not exist")
-  config_path = directory / _CONFIG_FILE
-  if not config_path.is_file():
-    raise FileNotFoundError(f"{directory}: missing {_CONFIG_FILE}; not a model directory")
-  try:
-    config = MolmoConfig.from_json(config_path.read_text())
-  except (ValueError, TypeError) as e:
-    raise ValueError(f"{config_path}: invalid model config: {e}") from None
-  if not (directory / _PARAMS_DIR / "_METADATA").is_file():
-    raise FileNotFoundError(f"{directory}: missing {_PARAMS_DIR}/ (an Orbax PyTree checkpoint)")
-  if expected_params is not None:
-    expected_params = jax.tree.map(
-        lambda x: x if isinstance(x, jax.ShapeDtypeStruct)
-        else jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=getattr(x, "sharding", None)),
-        expected_params)
-  params = _restore_pytree(directory / _PARAMS_DIR, expected_params, str(directory))
-  tokenizer = directory / _TOKENIZER_DIR
-  return ModelCheckpoint(params=params, config=config,
-                         tokenizer_dir=tokenizer if tokenizer.is_dir() else None)

@@ -1,4 +1,4 @@
-"""Token-level cross-entropy with loss weights and z-loss (spec §8.1, pitfall 30).
+"""Token-level cross-entropy with loss weights and z-loss (the reference's olmo/train.py (loss), pitfall 30).
 
 Shape legend:
   B  batch (examples)

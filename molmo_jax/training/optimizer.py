@@ -1,4 +1,4 @@
-"""AdamW with per-component parameter groups, schedules and gradient clipping (spec §8.3).
+"""AdamW with per-component parameter groups, schedules and gradient clipping (the reference's launch_scripts/train_multitask_model.py and train_captioner.py).
 
 Molmo trains three components with their own learning rate and warmup: the connector (plus the
 new token embeddings), the ViT and the LLM. The pretrained input-embedding table is frozen
@@ -24,6 +24,8 @@ from typing import Any, Mapping, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+
+from molmo_jax.model_dir import path_name
 
 FROZEN = "frozen"
 COMPONENTS = ("connector", "vit", "llm")
@@ -128,18 +130,6 @@ class OptimizerConfig:
 # ------------------------------------------------------------------------------------------
 # Parameter names and groups
 # ------------------------------------------------------------------------------------------
-
-def _key_name(key: Any) -> str:
-  for attr in ("key", "name", "idx"):
-    if hasattr(key, attr):
-      return str(getattr(key, attr))
-  return str(key)
-
-
-def path_name(path: tuple[Any, ...]) -> str:
-  """"/"-joined parameter name of a jax key path."""
-  return "/".join(_key_name(k) for k in path)
-
 
 def param_names(params: Any) -> Any:
   """Pytree of the "/"-joined name of every leaf (arrays or ShapeDtypeStructs)."""

@@ -39,7 +39,8 @@ from molmo_jax import sharding as sharding_lib
 from molmo_jax.config import MolmoConfig
 from molmo_jax.models.molmo import Molmo
 from molmo_jax.training.loss import SUM_KEYS, loss_from_sums, loss_sums, loss_weight_sum
-from molmo_jax.training.optimizer import (FROZEN, MolmoOptimizer, component_grad_norms, path_name)
+from molmo_jax.model_dir import path_name
+from molmo_jax.training.optimizer import FROZEN, MolmoOptimizer, component_grad_norms
 
 TEXT_KEYS = ("input_ids", "target_ids", "loss_weights", "subsegment_ids", "position_ids")
 IMAGE_KEYS = ("images", "image_masks", "image_input_idx")
@@ -348,4 +349,35 @@ def make_train_step(model: Molmo, optimizer: MolmoOptimizer, mesh: Mesh, state_s
       return jitted(state, batch)
 
   run.jitted = jitted          # for .lower(...) / AOT compilation
+  return run
+
+
+def make_eval_step(model: Molmo, mesh: Mesh, param_shardings: Any,
+                   spec: Mapping[str, jax.ShapeDtypeStruct], z_loss_weight: float = 0.0
+                   ) -> Callable[[Any, dict], dict]:
+  """A jitted `eval_step(params, batch) -> metrics` on held-out batches: the train step's loss
+  without dropout (no "dropout" rng) and without an update.
+
+  metrics: loss, ce_loss, z_loss, accuracy, weight_sum, token_count, out_of_range_count,
+  moe_load_balance, moe_router_z (replicated fp32 scalars; sums are over the global batch).
+  """
+  vocab = model.config.llm.embedding_size
+
+  def evaluate(params, batch):
+    logits, out = model.apply({"params": params}, model_inputs(batch))
+    if logits.shape[-1] != vocab:
+      raise ValueError(f"model logits have {logits.shape[-1]} classes, expected {vocab}")
+    sums = loss_sums(logits, batch["target_ids"], batch["loss_weights"], z_loss_weight)
+    _, metrics = loss_from_sums(sums)
+    metrics.update(out["aux"])
+    return metrics
+
+  jitted = jax.jit(evaluate, in_shardings=(param_shardings, batch_shardings(mesh, spec)),
+                   out_shardings=sharding_lib.replicated(mesh))
+
+  def run(params: Any, batch: dict) -> dict:
+    with sharding_lib.activate(mesh):
+      return jitted(params, batch)
+
+  run.jitted = jitted
   return run

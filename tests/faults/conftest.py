@@ -92,7 +92,7 @@ def tiny_model(tmp_path_factory) -> Path:
   from molmo_jax import config as C
   from molmo_jax.data.demo_tokenizer import build_demo_tokenizer, save_demo_tokenizer
   from molmo_jax.models.molmo import Molmo, example_batch_shapes
-  from molmo_jax.training.checkpoint import save_model_checkpoint
+  from molmo_jax.model_dir import save_model_checkpoint
 
   root = tmp_path_factory.mktemp("tiny_model")
   cfg = C.tiny("qwen2", vocab_size=448, embedding_size=448)

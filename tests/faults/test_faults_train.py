@@ -212,7 +212,7 @@ def test_corrupt_image_in_training_names_the_jsonl_line(cache, tmp_path):
 
 
 @pytest.mark.parametrize("override,names", [
-    ("--config.optimizer.llm.warmup_steps=9", ("optimizer.llm", "warmup")),
+    ("--config.optimizer.llm.warmup_steps=-1", ("optimizer.llm", "warmup")),
     ("--config.model.llm.d_modle=64", ("d_modle",)),
     ("--config.total_steps=0", ("total_steps",)),
 ])
