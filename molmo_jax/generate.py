@@ -41,13 +41,35 @@ class SamplingConfig:
   top_p: float = 1.0        # 1.0 = off
   eos_id: int | None = None
   pad_id: int = -1          # written after EOS
+  # Return the log-probability of every chosen token (log-softmax of the model's logits, before
+  # temperature / top-k / top-p), and of the `top_logprobs` most likely tokens at every step.
+  logprobs: bool = False
+  top_logprobs: int = 0
 
 
 @dataclasses.dataclass
 class GenerationOutput:
-  tokens: np.ndarray          # [B, max_new_tokens] int32, pad_id after the end
+  """Legend: B batch, N = max_new_tokens, n = top_logprobs."""
+
+  tokens: np.ndarray          # [B, N] int32, pad_id after the end
   lengths: np.ndarray         # [B] tokens generated, EOS included
   finish_reasons: list[str]   # "eos" | "length" (| "stop" once stop strings are applied)
+  # With SamplingConfig.logprobs / top_logprobs (else None); 0 / pad_id after the end.
+  logprobs: np.ndarray | None = None          # [B, N] float32 log p(chosen token)
+  top_logprobs: np.ndarray | None = None      # [B, N, n] float32, most likely first
+  top_logprob_ids: np.ndarray | None = None   # [B, N, n] int32
+
+
+def _step_logprobs(logits: Array, token: Array, top: int) -> tuple[Array, Array, Array]:
+  """logits [B, V], token [B] -> log p(token) [B], top-n log-probs [B, n] and their ids [B, n]."""
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  chosen = jnp.take_along_axis(logp, jnp.maximum(token, 0)[:, None], axis=-1)[:, 0]
+  if top:
+    values, ids = jax.lax.top_k(logp, top)
+  else:
+    values, ids = jnp.zeros((logits.shape[0], 0), jnp.float32), jnp.zeros((logits.shape[0], 0),
+                                                                          jnp.int32)
+  return chosen, values, ids.astype(jnp.int32)
 
 
 def filter_logits(logits: Array, top_k: int, top_p: float) -> Array:
@@ -189,23 +211,37 @@ def _generate(params: Any, batch: Mapping[str, Array], rng: Array, *, model: Mol
   tokens = jnp.full((b, steps), sampling.pad_id, jnp.int32)
   done = jnp.zeros((b,), bool)
   lengths = jnp.zeros((b,), jnp.int32)
+  top = sampling.top_logprobs
+  with_logprobs = sampling.logprobs or top > 0
+  # Per-step log-probs ride in the loop state only when asked for (else empty arrays).
+  scores = (jnp.zeros((b, steps if with_logprobs else 0), jnp.float32),
+            jnp.zeros((b, steps if top else 0, top), jnp.float32),
+            jnp.full((b, steps if top else 0, top), sampling.pad_id, jnp.int32))
 
   def cond(loop):
-    i, *_, done, _ = loop
+    i, *_, done, _, _ = loop
     return (i < steps) & ~jnp.all(done)
 
   def body(loop):
-    i, state, tokens, lengths, done, rng = loop
+    i, state, tokens, lengths, done, rng, scores = loop
     rng, step_rng = jax.random.split(rng)
+    logits = state.next_logits
     state, token = decode_step(params, state, t + i, done, step_rng, model=model, sampling=sampling)
+    if with_logprobs:
+      chosen, values, ids = _step_logprobs(logits, token, top)
+      live = ~done
+      scores = (scores[0].at[:, i].set(jnp.where(live, chosen, 0.0)),
+                scores[1].at[:, i].set(jnp.where(live[:, None], values, 0.0)) if top else scores[1],
+                scores[2].at[:, i].set(jnp.where(live[:, None], ids, sampling.pad_id))
+                if top else scores[2])
     tokens = tokens.at[:, i].set(token)
     lengths = lengths + (~done).astype(jnp.int32)
     done = done | (token == eos)
-    return i + 1, state, tokens, lengths, done, rng
+    return i + 1, state, tokens, lengths, done, rng, scores
 
-  _, _, tokens, lengths, done, _ = jax.lax.while_loop(
-      cond, body, (jnp.int32(0), state, tokens, lengths, done, rng))
-  return tokens, lengths, done
+  _, _, tokens, lengths, done, _, scores = jax.lax.while_loop(
+      cond, body, (jnp.int32(0), state, tokens, lengths, done, rng, scores))
+  return tokens, lengths, done, scores
 
 
 @functools.lru_cache(maxsize=32)
@@ -224,10 +260,15 @@ def generate(model: Molmo, params: Any, batch: Mapping[str, Any], sampling: Samp
   keys = ("input_ids", "images", "image_masks", "image_input_idx", "position_ids")
   batch = {k: jnp.asarray(batch[k]) for k in keys if batch.get(k) is not None}
   rng = jax.random.PRNGKey(0) if rng is None else rng
-  tokens, lengths, done = _compiled(model, sampling)(params, batch, rng)
-  tokens, lengths, done = jax.device_get((tokens, lengths, done))
+  tokens, lengths, done, scores = _compiled(model, sampling)(params, batch, rng)
+  tokens, lengths, done, scores = jax.device_get((tokens, lengths, done, scores))
   reasons = ["eos" if d else "length" for d in done]
-  return GenerationOutput(np.asarray(tokens), np.asarray(lengths), reasons)
+  logprobs, top_values, top_ids = (np.asarray(x) for x in scores)
+  with_logprobs = sampling.logprobs or sampling.top_logprobs > 0
+  return GenerationOutput(np.asarray(tokens), np.asarray(lengths), reasons,
+                          logprobs=logprobs if with_logprobs else None,
+                          top_logprobs=top_values if sampling.top_logprobs else None,
+                          top_logprob_ids=top_ids if sampling.top_logprobs else None)
 
 
 def full_forward_greedy(model: Molmo, params: Any, batch: Mapping[str, Any], steps: int) -> np.ndarray:

@@ -35,6 +35,8 @@ class Prediction:
   tokens: list[int]
   image_size: tuple[int, int] | None  # (w, h) of the original image; points are relative to it
   points: np.ndarray                 # [K, 2] pixels, parsed from the answer (empty if none)
+  # log p of each generated token (EOS included) with SamplingConfig(logprobs=True), else None
+  logprobs: list[float] | None = None
 
   @property
   def count(self) -> int | None:
@@ -43,9 +45,12 @@ class Prediction:
     return parse_count(self.text)
 
   def to_json(self) -> dict[str, Any]:
-    return {"answer": self.text, "finish_reason": self.finish_reason,
-            "image_size": list(self.image_size) if self.image_size else None,
-            "points": self.points.round(2).tolist(), "count": self.count}
+    out = {"answer": self.text, "finish_reason": self.finish_reason,
+           "image_size": list(self.image_size) if self.image_size else None,
+           "points": self.points.round(2).tolist(), "count": self.count}
+    if self.logprobs is not None:
+      out["logprobs"] = [round(v, 5) for v in self.logprobs]
+    return out
 
 
 def apply_stop_strings(text: str, stop: Sequence[str]) -> tuple[str, bool]:
@@ -172,7 +177,8 @@ class Predictor:
       text, stopped = apply_stop_strings(self.tokenizer.decode(text_tokens), stop_strings)
       reason = "stop" if stopped else out.finish_reasons[i]
       pts = points_lib.parse_points(text, size) if size else np.zeros((0, 2), np.float32)
-      preds.append(Prediction(text.strip(), reason, tokens, size, pts))
+      logprobs = None if out.logprobs is None else out.logprobs[i, :len(tokens)].tolist()
+      preds.append(Prediction(text.strip(), reason, tokens, size, pts, logprobs))
     return preds
 
   def _generate(self, batch: dict, sampling: SamplingConfig, seed: int) -> GenerationOutput:

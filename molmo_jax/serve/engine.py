@@ -120,9 +120,9 @@ class _RowText:
     self.tokens: list[int] = []
     self.sent = ""
 
-  def push(self, token: int) -> tuple[str, bool]:
-    """Adds a token; returns (text to stream now, whether a stop string ended the answer)."""
-    self.tokens.append(token)
+  def push(self, tokens: list[int]) -> tuple[str, bool]:
+    """Adds tokens; returns (text to stream now, whether a stop string ended the answer)."""
+    self.tokens.extend(tokens)
     text, stopped = self._text()
     if stopped:
       return self._delta(text.strip()), True
@@ -310,22 +310,30 @@ class BatchingEngine:
       chunk = run.step(done.copy(), remaining)
       self.stats["decode_steps"] += chunk.shape[1]
       for row, job in enumerate(jobs):
-        if not done[row] and chunk[row, 0] < 0:   # never expected; guards against a stuck loop
+        if done[row]:
+          continue
+        new_tokens = []
+        for token in chunk[row]:
+          if token < 0:
+            break
+          new_tokens.append(int(token))
+          if (token == tokenizer.eos_id
+              or len(texts[row].tokens) + len(new_tokens) >= job.max_tokens):
+            break
+        if not new_tokens:   # never expected; guards against a stuck loop
           self._finish(job, texts[row], "length")
           done[row] = True
-        for token in chunk[row]:
-          if done[row] or token < 0:
-            break
-          token = int(token)
-          delta, stopped = texts[row].push(token)
-          if delta:
-            job.emit(Delta(delta))
-          if stopped or token == tokenizer.eos_id:
-            self._finish(job, texts[row], "stop")
-            done[row] = True
-          elif len(texts[row].tokens) >= job.max_tokens:
-            self._finish(job, texts[row], "length")
-            done[row] = True
+          continue
+        # One decode of the row's text per chunk, not per token.
+        delta, stopped = texts[row].push(new_tokens)
+        if delta:
+          job.emit(Delta(delta))
+        if stopped or new_tokens[-1] == tokenizer.eos_id:
+          self._finish(job, texts[row], "stop")
+          done[row] = True
+        elif len(texts[row].tokens) >= job.max_tokens:
+          self._finish(job, texts[row], "length")
+          done[row] = True
     _log.debug("batch of %d (%d rows, %d steps) in %.3f s", n, rows, steps, time.monotonic() - started)
 
   def _finish(self, job: Job, text: _RowText, reason: str) -> None:
