@@ -18,6 +18,8 @@ Field reference (all overridable with --config.<path>=value):
                         eval tasks (the demo's: molmo_jax.data.synthetic, ...data.demo_tokenizer)
   data.*                molmo_jax.data.pipeline.DataConfig; data.sources is {name: SourceConfig}
   optimizer.*           molmo_jax.training.optimizer.OptimizerConfig (total_steps comes from the top)
+  lora.{rank,alpha,dropout,targets,train,base_dtype}   LoRA fine-tuning (molmo_jax.lora.LoraConfig);
+                        rank 0 (the default) = full fine-tuning
   micro_batches         gradient accumulation: the global batch runs as this many slices
   loss_chunk_size       LM head + loss over chunks of this many positions, never holding the
                         [B, T, V] fp32 logits (0 = whole logits at once)
@@ -80,6 +82,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.total_steps = 1000
   c.micro_batches = 1
   c.loss_chunk_size = 512
+  # LoRA (rank > 0): adapters on `targets`, `train` trained in full, everything else frozen.
+  c.lora = ml_collections.ConfigDict(dict(rank=0, alpha=16.0, dropout=0.0, targets=("llm",),
+                                          train=(), base_dtype="float32"))
   c.z_loss_weight = 1e-4           # softmax_auxiliary_loss (the reference's olmo/train.py (loss))
 
   # AdamW per component, warmup from 0 then cosine to alpha_f * lr, per-component clip 1.0.
