@@ -15,8 +15,8 @@ is already in the scanned layout.
 Every tensor of a checkpoint is accounted for: converted, deliberately dropped (CLIP's last block
 and post-LN when the tower is truncated), or outside the component (CLIPModel's text tower).
 Anything else is an error, as is a missing tensor or a shape that disagrees with config.json.
-Weights are read with safetensors' numpy backend (no torch); bfloat16 tensors are memory-mapped
-as raw bytes and viewed with ml_dtypes, so any safetensors version works.
+Weights are read with convert.safetensors_io (the one reader of every converter: memory-mapped,
+bfloat16 included, no torch).
 """
 
 from __future__ import annotations
@@ -28,10 +28,9 @@ import re
 from pathlib import Path
 from typing import Any, Callable
 
-import ml_dtypes
 import numpy as np
-from safetensors import safe_open
 
+from convert.safetensors_io import SafetensorsDir
 from molmo_jax.config import LLMConfig, VisionConfig
 
 Params = dict[str, Any]
@@ -46,69 +45,6 @@ def read_hf_config(directory: str | Path) -> dict[str, Any]:
   if not path.is_file():
     raise FileNotFoundError(f"{directory}: no config.json (expected a Hugging Face model dir)")
   return json.loads(path.read_text())
-
-
-class SafetensorsReader:
-  """All tensors of a HF directory: one file, several files, or shards listed in an index."""
-
-  def __init__(self, directory: str | Path):
-    self.directory = Path(directory)
-    self._file_of: dict[str, Path] = {}
-    self._shapes: dict[Path, dict[str, tuple[int, ...]]] = {}
-    index = self.directory / "model.safetensors.index.json"
-    if index.is_file():
-      weight_map = json.loads(index.read_text()).get("weight_map")
-      if not isinstance(weight_map, dict):
-        raise ValueError(f"{index}: no 'weight_map' mapping tensor names to shard files")
-      for name, file in weight_map.items():
-        if not (self.directory / file).is_file():
-          raise FileNotFoundError(f"{index}: tensor {name!r} is in shard {file!r}, which is "
-                                  "missing")
-        self._file_of[name] = self.directory / file
-    else:
-      files = sorted(self.directory.glob("*.safetensors"))
-      if not files:
-        raise FileNotFoundError(f"{self.directory}: no *.safetensors files and no "
-                                "model.safetensors.index.json")
-      for file in files:
-        with safe_open(file, framework="numpy") as f:
-          for name in f.keys():
-            if name in self._file_of:
-              raise ValueError(f"{self.directory}: tensor {name!r} is in both "
-                               f"{self._file_of[name].name} and {file.name}")
-            self._file_of[name] = file
-
-  @property
-  def names(self) -> set[str]:
-    return set(self._file_of)
-
-  def __contains__(self, name: str) -> bool:
-    return name in self._file_of
-
-  def shape(self, name: str) -> tuple[int, ...]:
-    file = self._file_of[name]
-    if file not in self._shapes:
-      with safe_open(file, framework="numpy") as f:
-        self._shapes[file] = {n: tuple(f.get_slice(n).get_shape()) for n in f.keys()}
-    return self._shapes[file][name]
-
-  def read(self, name: str) -> np.ndarray:
-    file = self._file_of[name]
-    with safe_open(file, framework="numpy") as f:
-      if f.get_slice(name).get_dtype() == "BF16":
-        return _read_bf16(file, name)
-      return f.get_tensor(name)
-
-
-def _read_bf16(file: Path, name: str) -> np.ndarray:
-  """Memory-maps one bf16 tensor from the raw file (header: u64 length + JSON of byte offsets)."""
-  with open(file, "rb") as f:
-    header_len = int.from_bytes(f.read(8), "little")
-    entry = json.loads(f.read(header_len))[name]
-  begin, end = entry["data_offsets"]
-  raw = np.memmap(file, dtype=np.uint16, mode="r", offset=8 + header_len + begin,
-                  shape=((end - begin) // 2,))
-  return raw.view(ml_dtypes.bfloat16).reshape(entry["shape"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -396,17 +332,18 @@ def _listing(names: list[str], limit: int = 20) -> str:
   return ", ".join(names[:limit]) + more
 
 
-def apply_rules(reader: SafetensorsReader, rules: list[Rule], num_layers: int, num_experts: int = 0,
+def apply_rules(reader: SafetensorsDir, rules: list[Rule], num_layers: int, num_experts: int = 0,
                 dtype: Any = np.float32, where: str = "checkpoint") -> tuple[Params, set[str]]:
   """Reads, checks, transforms and stacks every rule's tensors -> (nested params, names used)."""
   expanded = [_expand(r, num_layers, num_experts) for r in rules]
   used = {n for e in expanded for n in _all_names(e)}
-  missing = sorted(used - reader.names)
+  missing = sorted(used - set(reader.tensors))
   if missing:
     raise ValueError(f"{where}: {len(missing)} tensor(s) the config implies are missing: "
                      + _listing(missing))
-  wrong = [f"{n}: {reader.shape(n)}, expected {r.src_shape}" for r, e in zip(rules, expanded)
-           for n in _all_names(e) if reader.shape(n) != r.src_shape]
+  wrong = [f"{n}: {reader.tensors[n].shape}, expected {r.src_shape}"
+           for r, e in zip(rules, expanded) for n in _all_names(e)
+           if reader.tensors[n].shape != r.src_shape]
   if wrong:
     raise ValueError(f"{where}: shape mismatch against config.json: " + "; ".join(wrong[:20]))
 
@@ -423,9 +360,9 @@ def apply_rules(reader: SafetensorsReader, rules: list[Rule], num_layers: int, n
   return params, used
 
 
-def _check_leftovers(reader: SafetensorsReader, used: set[str], dropped: Callable[[str], bool],
+def _check_leftovers(reader: SafetensorsDir, used: set[str], dropped: Callable[[str], bool],
                      where: str) -> None:
-  extra = sorted(n for n in reader.names - used if not dropped(n))
+  extra = sorted(n for n in set(reader.tensors) - used if not dropped(n))
   if extra:
     raise ValueError(f"{where}: {len(extra)} unexpected tensor(s) that the config does not "
                      "explain: " + _listing(extra))
@@ -436,9 +373,9 @@ def _check_leftovers(reader: SafetensorsReader, used: set[str], dropped: Callabl
 # --------------------------------------------------------------------------------------------
 
 
-def _clip_prefix(reader: SafetensorsReader, where: str) -> str:
+def _clip_prefix(reader: SafetensorsDir, where: str) -> str:
   for prefix in ("vision_model.", ""):
-    if prefix + "embeddings.class_embedding" in reader:
+    if prefix + "embeddings.class_embedding" in reader.tensors:
       return prefix
   raise ValueError(f"{where}: no 'embeddings.class_embedding' (with or without 'vision_model.'); "
                    "not a CLIP vision checkpoint")
@@ -447,7 +384,7 @@ def _clip_prefix(reader: SafetensorsReader, where: str) -> str:
 def convert_clip(directory: str | Path, cfg: VisionConfig, dtype: Any = np.float32) -> Params:
   """A CLIPModel / CLIPVisionModel directory -> params["vision"] for a `cfg.num_layers` tower."""
   where = f"CLIP checkpoint {directory}"
-  reader = SafetensorsReader(directory)
+  reader = SafetensorsDir(directory)
   prefix = _clip_prefix(reader, where)
   params, used = apply_rules(reader, clip_rules(cfg, prefix), cfg.num_layers, dtype=dtype,
                              where=where)
@@ -483,8 +420,8 @@ def convert_llm(directory: str | Path, cfg: LLMConfig, dtype: Any = np.float32,
   if hf_vocab > cfg.embedding_size:
     raise ValueError(f"{where}: vocab_size {hf_vocab} exceeds llm.embedding_size "
                      f"{cfg.embedding_size}")
-  reader = SafetensorsReader(directory)
-  fused = "model.layers.0.mlp.experts.gate_up_proj" in reader
+  reader = SafetensorsDir(directory)
+  fused = "model.layers.0.mlp.experts.gate_up_proj" in reader.tensors
   rules = llm_rules(cfg, family, hf_vocab, fused_experts=fused)
   params, used = apply_rules(reader, rules, cfg.num_layers, cfg.num_experts, dtype, where)
   _check_leftovers(reader, used, lambda n: n.endswith("rotary_emb.inv_freq"), where)

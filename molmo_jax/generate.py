@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from molmo_jax.models.decoder import init_cache
+from molmo_jax.models.layers import constrain
 from molmo_jax.models.molmo import Molmo, default_positions
 
 Array = jax.Array
@@ -40,13 +41,35 @@ class SamplingConfig:
   top_p: float = 1.0        # 1.0 = off
   eos_id: int | None = None
   pad_id: int = -1          # written after EOS
+  # Return the log-probability of every chosen token (log-softmax of the model's logits, before
+  # temperature / top-k / top-p), and of the `top_logprobs` most likely tokens at every step.
+  logprobs: bool = False
+  top_logprobs: int = 0
 
 
 @dataclasses.dataclass
 class GenerationOutput:
-  tokens: np.ndarray          # [B, max_new_tokens] int32, pad_id after the end
+  """Legend: B batch, N = max_new_tokens, n = top_logprobs."""
+
+  tokens: np.ndarray          # [B, N] int32, pad_id after the end
   lengths: np.ndarray         # [B] tokens generated, EOS included
   finish_reasons: list[str]   # "eos" | "length" (| "stop" once stop strings are applied)
+  # With SamplingConfig.logprobs / top_logprobs (else None); 0 / pad_id after the end.
+  logprobs: np.ndarray | None = None          # [B, N] float32 log p(chosen token)
+  top_logprobs: np.ndarray | None = None      # [B, N, n] float32, most likely first
+  top_logprob_ids: np.ndarray | None = None   # [B, N, n] int32
+
+
+def _step_logprobs(logits: Array, token: Array, top: int) -> tuple[Array, Array, Array]:
+  """logits [B, V], token [B] -> log p(token) [B], top-n log-probs [B, n] and their ids [B, n]."""
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  chosen = jnp.take_along_axis(logp, jnp.maximum(token, 0)[:, None], axis=-1)[:, 0]
+  if top:
+    values, ids = jax.lax.top_k(logp, top)
+  else:
+    values, ids = jnp.zeros((logits.shape[0], 0), jnp.float32), jnp.zeros((logits.shape[0], 0),
+                                                                          jnp.int32)
+  return chosen, values, ids.astype(jnp.int32)
 
 
 def filter_logits(logits: Array, top_k: int, top_p: float) -> Array:
@@ -90,13 +113,29 @@ class DecodeState(NamedTuple):
   next_position: Array    # [B] int32
 
 
-def prefill(params: Any, batch: Mapping[str, Array], *, model: Molmo, steps: int) -> DecodeState:
-  """Runs the prompt (and the vision tower) once into a cache with room for `steps` new tokens."""
+# KV cache [L, B, S, K, h]: batch and kv heads split like the attention's keys (a no-op without
+# an active mesh). Pinned at creation and after every write, so the loops carry it sharded.
+CACHE_AXES = (None, "activation_batch", None, "activation_kv_heads", "activation_head_dim")
+
+
+def _constrain_cache(cache: dict) -> dict:
+  return {k: constrain(v, CACHE_AXES) for k, v in cache.items()}
+
+
+def prefill(params: Any, batch: Mapping[str, Array], *, model: Molmo, steps: int,
+            rows_per_pass: int = 0) -> DecodeState:
+  """Runs the prompt (and the vision tower) once into a cache with room for `steps` new tokens.
+
+  Only the last prompt position's logits are computed (the LM head alone on [B, 1, D]); the
+  prompt's [B, T, V] logits never exist. rows_per_pass: prefill this many rows at a time
+  (0 = all): a pass's attention scores are [rows, H, T, T], so a few rows per pass keep long,
+  big batches small while the cache still fills for the whole batch.
+  """
   input_ids = batch["input_ids"]
   b, t = input_ids.shape
   s = t + steps
   cfg = model.config
-  cache = init_cache(cfg.llm, b, s, jnp.dtype(cfg.dtype))
+  cache = _constrain_cache(init_cache(cfg.llm, b, s, jnp.dtype(cfg.dtype)))
   valid = input_ids != -1
   key_valid = jnp.concatenate([valid, jnp.zeros((b, steps), bool)], axis=1)        # [B, S]
   slots = jnp.arange(s, dtype=jnp.int32)
@@ -105,12 +144,42 @@ def prefill(params: Any, batch: Mapping[str, Array], *, model: Molmo, steps: int
   if positions is None:
     positions = default_positions(input_ids)
   mask = key_valid[:, None, :] & (slots[None, None, :] <= jnp.arange(t)[None, :, None])
-  logits, out = model.apply({"params": params}, dict(batch, position_ids=positions), cache=cache,
-                            cache_index=jnp.int32(0), attention_mask=mask)
   last = jnp.maximum(jnp.sum(valid, axis=1) - 1, 0)                                  # [B]
   rows = jnp.arange(b)
-  return DecodeState(out["cache"], key_valid, logits[rows, last].astype(jnp.float32),
-                     positions[rows, last] + 1)
+  inputs = dict(batch, position_ids=positions)
+  if not rows_per_pass or rows_per_pass >= b:
+    _, out = model.apply({"params": params}, inputs, cache=cache, cache_index=jnp.int32(0),
+                         attention_mask=mask)
+    cache, hidden = _constrain_cache(out["cache"]), out["hidden"][rows, last]
+  else:
+    cache, hidden = _prefill_in_passes(params, inputs, cache, mask, last, model, rows_per_pass)
+  logits = model.apply({"params": params}, hidden[:, None], method="lm_logits")[:, 0]
+  return DecodeState(cache, key_valid, logits.astype(jnp.float32), positions[rows, last] + 1)
+
+
+def _prefill_in_passes(params: Any, inputs: Mapping[str, Array], cache: dict, mask: Array,
+                       last: Array, model: Molmo, r: int) -> tuple[dict, Array]:
+  """prefill's row passes -> (cache [L, B, S, K, h], last prompt positions' hidden [B, D])."""
+  b = inputs["input_ids"].shape[0]
+  if b % r:
+    raise ValueError(f"prefill rows_per_pass {r} must divide the batch size {b}")
+  take = lambda x, start: jax.lax.dynamic_slice_in_dim(x, start, r, axis=0)
+
+  def one_pass(g, carry):
+    cache, hidden = carry
+    start = g * r
+    piece = {k: take(v, start) for k, v in inputs.items()}
+    small = _constrain_cache({k: jnp.zeros((v.shape[0], r) + v.shape[2:], v.dtype)
+                              for k, v in cache.items()})
+    _, out = model.apply({"params": params}, piece, cache=small, cache_index=jnp.int32(0),
+                         attention_mask=take(mask, start))
+    cache = _constrain_cache({k: jax.lax.dynamic_update_slice_in_dim(cache[k], out["cache"][k],
+                                                                    start, axis=1) for k in cache})
+    h = out["hidden"][jnp.arange(r), take(last, start)]
+    return cache, jax.lax.dynamic_update_slice_in_dim(hidden, h, start, axis=0)
+
+  hidden0 = jnp.zeros((b, model.config.llm.d_model), jnp.dtype(model.config.dtype))
+  return jax.lax.fori_loop(0, b // r, one_pass, (cache, hidden0))
 
 
 def decode_step(params: Any, state: DecodeState, slot: Array, done: Array, rng: Array, *,
@@ -126,37 +195,53 @@ def decode_step(params: Any, state: DecodeState, slot: Array, done: Array, rng: 
                 "position_ids": state.next_position[:, None]}
   step_logits, out = model.apply({"params": params}, step_batch, cache=state.cache,
                                  cache_index=slot, attention_mask=mask)
-  new_state = DecodeState(out["cache"], key_valid, step_logits[:, 0].astype(jnp.float32),
+  new_state = DecodeState(_constrain_cache(out["cache"]), key_valid,
+                          step_logits[:, 0].astype(jnp.float32),
                           state.next_position + 1)
   return new_state, token
 
 
 def _generate(params: Any, batch: Mapping[str, Array], rng: Array, *, model: Molmo,
-              sampling: SamplingConfig) -> tuple[Array, Array, Array]:
+              sampling: SamplingConfig, prefill_rows_per_pass: int = 0
+              ) -> tuple[Array, Array, Array]:
   b, t = batch["input_ids"].shape
   steps = sampling.max_new_tokens
-  state = prefill(params, batch, model=model, steps=steps)
+  state = prefill(params, batch, model=model, steps=steps, rows_per_pass=prefill_rows_per_pass)
   eos = -1 if sampling.eos_id is None else sampling.eos_id
   tokens = jnp.full((b, steps), sampling.pad_id, jnp.int32)
   done = jnp.zeros((b,), bool)
   lengths = jnp.zeros((b,), jnp.int32)
+  top = sampling.top_logprobs
+  with_logprobs = sampling.logprobs or top > 0
+  # Per-step log-probs ride in the loop state only when asked for (else empty arrays).
+  scores = (jnp.zeros((b, steps if with_logprobs else 0), jnp.float32),
+            jnp.zeros((b, steps if top else 0, top), jnp.float32),
+            jnp.full((b, steps if top else 0, top), sampling.pad_id, jnp.int32))
 
   def cond(loop):
-    i, *_, done, _ = loop
+    i, *_, done, _, _ = loop
     return (i < steps) & ~jnp.all(done)
 
   def body(loop):
-    i, state, tokens, lengths, done, rng = loop
+    i, state, tokens, lengths, done, rng, scores = loop
     rng, step_rng = jax.random.split(rng)
+    logits = state.next_logits
     state, token = decode_step(params, state, t + i, done, step_rng, model=model, sampling=sampling)
+    if with_logprobs:
+      chosen, values, ids = _step_logprobs(logits, token, top)
+      live = ~done
+      scores = (scores[0].at[:, i].set(jnp.where(live, chosen, 0.0)),
+                scores[1].at[:, i].set(jnp.where(live[:, None], values, 0.0)) if top else scores[1],
+                scores[2].at[:, i].set(jnp.where(live[:, None], ids, sampling.pad_id))
+                if top else scores[2])
     tokens = tokens.at[:, i].set(token)
     lengths = lengths + (~done).astype(jnp.int32)
     done = done | (token == eos)
-    return i + 1, state, tokens, lengths, done, rng
+    return i + 1, state, tokens, lengths, done, rng, scores
 
-  _, _, tokens, lengths, done, _ = jax.lax.while_loop(
-      cond, body, (jnp.int32(0), state, tokens, lengths, done, rng))
-  return tokens, lengths, done
+  _, _, tokens, lengths, done, _, scores = jax.lax.while_loop(
+      cond, body, (jnp.int32(0), state, tokens, lengths, done, rng, scores))
+  return tokens, lengths, done, scores
 
 
 @functools.lru_cache(maxsize=32)
@@ -175,10 +260,15 @@ def generate(model: Molmo, params: Any, batch: Mapping[str, Any], sampling: Samp
   keys = ("input_ids", "images", "image_masks", "image_input_idx", "position_ids")
   batch = {k: jnp.asarray(batch[k]) for k in keys if batch.get(k) is not None}
   rng = jax.random.PRNGKey(0) if rng is None else rng
-  tokens, lengths, done = _compiled(model, sampling)(params, batch, rng)
-  tokens, lengths, done = jax.device_get((tokens, lengths, done))
+  tokens, lengths, done, scores = _compiled(model, sampling)(params, batch, rng)
+  tokens, lengths, done, scores = jax.device_get((tokens, lengths, done, scores))
   reasons = ["eos" if d else "length" for d in done]
-  return GenerationOutput(np.asarray(tokens), np.asarray(lengths), reasons)
+  logprobs, top_values, top_ids = (np.asarray(x) for x in scores)
+  with_logprobs = sampling.logprobs or sampling.top_logprobs > 0
+  return GenerationOutput(np.asarray(tokens), np.asarray(lengths), reasons,
+                          logprobs=logprobs if with_logprobs else None,
+                          top_logprobs=top_values if sampling.top_logprobs else None,
+                          top_logprob_ids=top_ids if sampling.top_logprobs else None)
 
 
 def full_forward_greedy(model: Molmo, params: Any, batch: Mapping[str, Any], steps: int) -> np.ndarray:

@@ -20,6 +20,7 @@ transformers = pytest.importorskip("transformers")
 
 from convert import build_initial as bi  # noqa: E402
 from convert import hf_components as hfc  # noqa: E402
+from convert.safetensors_io import SafetensorsDir  # noqa: E402
 from molmo_jax import config as C  # noqa: E402
 from molmo_jax.models.molmo import Molmo  # noqa: E402
 from molmo_jax.model_dir import load_model_checkpoint, path_name  # noqa: E402
@@ -109,7 +110,7 @@ def test_bf16_source_is_read_and_widened(tmp_path):
   with open(next((tmp_path / "bf16").glob("*.safetensors")), "rb") as f:
     header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
   assert header["model.norm.weight"]["dtype"] == "BF16"
-  reader = hfc.SafetensorsReader(tmp_path / "bf16")
+  reader = SafetensorsDir(tmp_path / "bf16")
   assert str(reader.read("model.norm.weight").dtype) == "bfloat16"
   _, params = convert(tmp_path / "bf16")
   want = model.state_dict()["model.layers.1.mlp.up_proj.weight"].float().numpy().T

@@ -70,12 +70,17 @@ def test_cached_greedy_equals_full_forward_and_batching_is_transparent(family):
   assert out.lengths.tolist() == [STEPS, STEPS]
 
 
-def test_eos_stops_an_example_and_pads_after_it():
+def _greedy_reference(seed):
+  """A tiny Qwen2 model, one example and its greedy tokens from full forward passes."""
   cfg = C.tiny("qwen2")
   model = Molmo(cfg)
-  ex = _example(cfg, np.random.default_rng(1), length=9, crops=2)
+  ex = _example(cfg, np.random.default_rng(seed), length=9, crops=2)
   params = _params(cfg, ex)
-  ref = full_forward_greedy(model, params, ex, STEPS)
+  return model, params, ex, full_forward_greedy(model, params, ex, STEPS)
+
+
+def test_eos_stops_an_example_and_pads_after_it():
+  model, params, ex, ref = _greedy_reference(1)
   eos = int(ref[2])
   first = int(np.argmax(ref == eos))
   out = generate(model, params, ex, SamplingConfig(max_new_tokens=STEPS, eos_id=eos, pad_id=-1))
@@ -144,3 +149,26 @@ def test_top_k_and_top_p_filter_a_constructed_distribution():
   assert abs(freq[0] - 2 / 3) < 0.03
   greedy = choose_tokens(logits, jax.random.PRNGKey(0), dataclasses.replace(sampling, temperature=0.0))
   assert int(greedy[0]) == 0
+
+
+def test_logprobs_of_the_chosen_tokens_equal_full_forward_log_softmax():
+  model, params, ex, ref = _greedy_reference(2)
+  eos = int(ref[3])
+  plain = generate(model, params, ex, SamplingConfig(max_new_tokens=STEPS, eos_id=eos))
+  assert plain.logprobs is None and plain.top_logprobs is None
+  out = generate(model, params, ex, SamplingConfig(max_new_tokens=STEPS, eos_id=eos,
+                                                   logprobs=True, top_logprobs=3))
+  np.testing.assert_array_equal(out.tokens, plain.tokens)       # scoring changes no choice
+  n = int(out.lengths[0])
+  # Full forward over prompt + generated tokens: log p of each chosen token at its step.
+  ids = np.concatenate([ex["input_ids"], out.tokens[:, :n]], axis=1)
+  logits = model.apply({"params": params}, dict(ex, input_ids=jnp.asarray(ids)))[0]
+  start = ex["input_ids"].shape[1] - 1
+  logp = np.asarray(jax.nn.log_softmax(logits[0, start:start + n], axis=-1))
+  expected = logp[np.arange(n), out.tokens[0, :n]]
+  np.testing.assert_allclose(out.logprobs[0, :n], expected, atol=1e-5)
+  assert (out.logprobs[0, n:] == 0).all() and out.logprobs.shape == (1, STEPS)
+  # Greedy: the chosen token is the most likely one; the top-3 are sorted and match the full pass.
+  np.testing.assert_array_equal(out.top_logprob_ids[0, :n, 0], out.tokens[0, :n])
+  np.testing.assert_allclose(out.top_logprobs[0, :n], -np.sort(-logp, axis=-1)[:, :3], atol=1e-5)
+  assert out.top_logprob_ids.shape == (1, STEPS, 3) and (out.top_logprob_ids[0, n:] == -1).all()

@@ -39,6 +39,37 @@ def save(model, path) -> str:
   return str(path)
 
 
+# The parity models (tests/test_capture.py checks their hidden states and routing too):
+# family -> (config class, model class, config fields, randomize seed, randomize std).
+_NO_SPECIAL_IDS = dict(pad_token_id=None, eos_token_id=None, bos_token_id=None)
+HF_MODELS = {
+    "clip": ("CLIPVisionConfig", "CLIPVisionModel", dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+        image_size=32, patch_size=4), 0, 0.1),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=VOCAB, rope_theta=1e6, rms_norm_eps=1e-6,
+        tie_word_embeddings=False), 1, 0.1),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", dict(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=4, vocab_size=VOCAB, rope_theta=5e5, rms_norm_eps=1e-6,
+        **_NO_SPECIAL_IDS), 2, 0.1),
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(
+        hidden_size=64, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, vocab_size=VOCAB, num_experts=8, num_experts_per_tok=2,
+        norm_topk_prob=False, rope_theta=1e4, rms_norm_eps=1e-5, **_NO_SPECIAL_IDS), 3, 0.2),
+}
+
+
+def hf_model(family: str) -> "torch.nn.Module":
+  """A tiny transformers model of `family` (HF_MODELS) with every parameter re-drawn."""
+  config_cls, model_cls, fields, seed, std = HF_MODELS[family]
+  hf_cfg = getattr(transformers, config_cls)(attn_implementation="eager", **fields)
+  model = getattr(transformers, model_cls)(hf_cfg).eval()
+  randomize(model, seed=seed, std=std)
+  return model
+
+
 def report(label: str, ours: np.ndarray, theirs: np.ndarray) -> float:
   diff = float(np.max(np.abs(ours - theirs)))
   print(f"\n[parity] {label}: max |diff| = {diff:.3e} (max |value| {np.max(np.abs(theirs)):.3f})")
@@ -58,11 +89,7 @@ def clip_patches(pixels: np.ndarray, p: int) -> np.ndarray:
 
 @pytest.mark.parametrize("drop_last_layer", [False, True])
 def test_vision_tower_matches_clip(tmp_path, drop_last_layer):
-  hf_cfg = transformers.CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                                         num_attention_heads=4, image_size=32, patch_size=4,
-                                         attn_implementation="eager")
-  hf = transformers.CLIPVisionModel(hf_cfg).eval()
-  randomize(hf, seed=0)
+  hf = hf_model("clip")
   directory = save(hf, tmp_path / "clip")
 
   layers = 2 if drop_last_layer else 3
@@ -129,12 +156,7 @@ def compare(label: str, model, directory: str, ids: np.ndarray, **overrides) -> 
 
 
 def test_qwen2_matches_hf_with_right_padding(tmp_path):
-  hf_cfg = transformers.Qwen2Config(hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-                                    num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
-                                    rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=False,
-                                    attn_implementation="eager")
-  model = transformers.Qwen2ForCausalLM(hf_cfg).eval()
-  randomize(model, seed=1)
+  model = hf_model("qwen2")
   directory = save(model, tmp_path / "qwen2")
   cfg = hfc.llm_config_from_hf(hfc.read_hf_config(directory))
   assert (cfg.qkv_bias, cfg.num_kv_heads, cfg.norm_placement) == (True, 2, "pre")
@@ -144,12 +166,7 @@ def test_qwen2_matches_hf_with_right_padding(tmp_path):
 
 
 def test_olmo2_matches_hf(tmp_path):
-  hf_cfg = transformers.Olmo2Config(hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-                                    num_attention_heads=4, num_key_value_heads=4, vocab_size=VOCAB,
-                                    rope_theta=5e5, rms_norm_eps=1e-6, attn_implementation="eager",
-                                    pad_token_id=None, eos_token_id=None, bos_token_id=None)
-  model = transformers.Olmo2ForCausalLM(hf_cfg).eval()
-  randomize(model, seed=2)
+  model = hf_model("olmo2")
   directory = save(model, tmp_path / "olmo2")
   cfg = hfc.llm_config_from_hf(hfc.read_hf_config(directory))
   assert (cfg.norm_placement, cfg.qk_norm, cfg.qkv_bias) == ("post", True, False)
@@ -160,13 +177,7 @@ def test_olmo2_matches_hf(tmp_path):
 
 @pytest.fixture(scope="module")
 def olmoe_dir(tmp_path_factory):
-  hf_cfg = transformers.OlmoeConfig(hidden_size=64, intermediate_size=32, num_hidden_layers=2,
-                                    num_attention_heads=4, num_key_value_heads=4, vocab_size=VOCAB,
-                                    num_experts=8, num_experts_per_tok=2, norm_topk_prob=False,
-                                    rope_theta=1e4, rms_norm_eps=1e-5, attn_implementation="eager",
-                                    pad_token_id=None, eos_token_id=None, bos_token_id=None)
-  model = transformers.OlmoeForCausalLM(hf_cfg).eval()
-  randomize(model, seed=3, std=0.2)
+  model = hf_model("olmoe")
   return model, save(model, tmp_path_factory.mktemp("olmoe") / "olmoe")
 
 

@@ -124,14 +124,20 @@ def test_predictor_uses_the_public_function(tok, monkeypatch):
   monkeypatch.setattr(inputs, "build_batch", lambda *a, **k: calls.append(a) or real(*a, **k))
   monkeypatch.setattr(Predictor, "_generate", lambda self, arrays, sampling, seed: _no_tokens(
       len(arrays["input_ids"])))
-  predictor.predict([image], ["Point."])
-  assert len(calls) == 1
+  pred, = predictor.predict([image], ["Point."])
+  assert len(calls) == 1 and pred.logprobs is None and "logprobs" not in pred.to_json()
+  monkeypatch.setattr(Predictor, "_generate", lambda self, arrays, sampling, seed: _no_tokens(
+      len(arrays["input_ids"]), logprobs=True))
+  pred, = predictor.predict([image], ["Point."])
+  assert pred.logprobs == [-0.5] and pred.to_json()["logprobs"] == [-0.5]
 
 
-def _no_tokens(batch):
+def _no_tokens(batch, logprobs=False):
+  """A generation result of one token (id 5) per row, without running a model."""
   from molmo_jax.generate import GenerationOutput
-  return GenerationOutput(np.zeros((batch, 1), np.int32), np.zeros(batch, np.int32),
-                          ["length"] * batch)
+  return GenerationOutput(np.full((batch, 2), 5, np.int32), np.ones(batch, np.int32),
+                          ["length"] * batch,
+                          logprobs=np.full((batch, 2), -0.5, np.float32) if logprobs else None)
 
 
 def test_resize_method_is_chosen_without_rebuilding_the_config():

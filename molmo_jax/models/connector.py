@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from molmo_jax.config import ConnectorConfig, VisionConfig
+from molmo_jax.models import capture
 from molmo_jax.models.layers import MultiHeadAttention, SwiGLU, constrain, logical
 
 Array = jax.Array
@@ -86,5 +87,6 @@ class Connector(nn.Module):
       raise ValueError(f"connector.pooling {cfg.pooling!r} unknown")
 
     x = constrain(x, ("activation_batch", "activation_length", "activation_embed"))
+    capture.sow(self, "image_pooled", x)
     return SwiGLU(cfg.projector_hidden, self.d_model, self.dtype, self.param_dtype,
                   in_axis="vit_embed", hidden_axis="mlp", out_axis="embed", name="projector")(x)

@@ -17,8 +17,9 @@ import jax
 import jax.numpy as jnp
 
 from molmo_jax.config import LLMConfig
-from molmo_jax.models.layers import (DecoderAttention, RMSNorm, SwiGLU, constrain, embedding_init,
-                                     flat_dot, kernel_init, scan_unroll_steps,
+from molmo_jax.models import capture
+from molmo_jax.models.layers import (DecoderAttention, RMSNorm, SwiGLU, cast_param, constrain,
+                                     embedding_init, flat_dot, kernel_init, scan_unroll_steps,
                                      logical, maybe_remat)
 from molmo_jax.models.moe import MoEBlock
 
@@ -75,6 +76,7 @@ class DecoderBlock(nn.Module):
       h = norm("ff_norm")(h)
     x = x + _residual_dropout(self, h, cfg, response_mask)
     x = constrain(x, ("activation_batch", "activation_length", "activation_embed"))
+    capture.sow(self, "decoder_layers", x)
     return x, (new_cache, aux)
 
 
@@ -110,7 +112,9 @@ class Decoder(nn.Module):
     cfg = self.config
     self.embedding = Embedding(cfg, self.dtype, self.param_dtype)
     block = maybe_remat(DecoderBlock, self.remat_policy)
-    scanned = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+    captured = {capture.collection(g): 0 for g in ("decoder", "router")}
+    scanned = nn.scan(block, variable_axes={"params": 0, **captured},
+                      split_rngs={"params": True, "dropout": True},
                       in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
                       length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"},
                       unroll=scan_unroll_steps(self.scan_unroll, cfg.num_layers))
@@ -133,12 +137,17 @@ class Decoder(nn.Module):
     (stacked key/value [L, B, S, K, h] when a cache was given), "aux" (MoE auxiliary losses summed
     over layers). Dropout runs only when a "dropout" rng is supplied.
     """
+    capture.sow(self, "decoder_embeddings", x)
     x, (new_cache, aux) = self.blocks(x, positions, mask, response_mask, cache, cache_index)
     hidden = constrain(self.final_norm(x), ("activation_batch", "activation_length", "activation_embed"))
-    logits = flat_dot(hidden, self.lm_head.astype(self.dtype), preferred_element_type=jnp.float32)
-    logits = constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
+    logits = self.lm_logits(hidden)
     aux = jax.tree.map(jnp.sum, aux)
     return logits, {"hidden": hidden, "cache": new_cache, "aux": aux}
+
+  def lm_logits(self, hidden: Array) -> Array:
+    """hidden [B, T, D] (after final_norm) -> logits [B, T, V_emb] float32."""
+    logits = flat_dot(hidden, cast_param(self.lm_head, self.dtype), preferred_element_type=jnp.float32)
+    return constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
 
 
 def init_cache(config: LLMConfig, batch: int, length: int, dtype=jnp.float32) -> dict[str, Array]:

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from molmo_jax.config import LLMConfig
+from molmo_jax.models import capture
 from molmo_jax.models.layers import constrain, kernel_init, logical
 
 Array = jax.Array
@@ -127,6 +128,8 @@ class MoEBlock(nn.Module):
     probs, weights, experts = route(logits.reshape(b * t, e), cfg.experts_per_token,
                                     cfg.moe_normalize_topk)
     aux = auxiliary_losses(logits.reshape(b * t, e), probs, experts)
+    capture.sow(self, "router_experts", experts.reshape(b, t, -1))
+    capture.sow(self, "router_weights", weights.reshape(b, t, -1))
     if cfg.moe_impl == "ragged":
       y = ragged_experts(x.reshape(b * t, d), weights, experts, gate, up, down).reshape(b, t, d)
     elif cfg.moe_impl == "capacity":

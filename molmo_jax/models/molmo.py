@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from molmo_jax.config import MolmoConfig
+from molmo_jax.models import capture as capture_lib
 from molmo_jax.models.connector import Connector
 from molmo_jax.models.decoder import Decoder
 from molmo_jax.models.layers import causal_segment_mask, constrain
@@ -55,9 +56,27 @@ def insert_image_features(x: Array, features: Array, image_input_idx: Array) -> 
 
 
 class Molmo(nn.Module):
-  """The full model. `__call__(batch)` -> (logits [B, T, V_emb] float32, out)."""
+  """The full model. `__call__(batch)` -> (logits [B, T, V_emb] float32, out).
+
+  `apply(variables, batch, capture=("vit", "connector", "decoder", "router") or "all")` also
+  returns the requested intermediates in out["captured"] (see molmo_jax.models.capture).
+  """
 
   config: MolmoConfig
+
+  def apply(self, variables: Any, *args: Any, capture: Any = None, **kwargs: Any) -> Any:
+    """nn.Module.apply, plus `capture`: groups of intermediates to return in out["captured"]
+    (nothing is computed or stored for groups not asked for)."""
+    groups = capture_lib.resolve(capture)
+    if not groups:
+      return super().apply(variables, *args, **kwargs)
+    if kwargs.get("mutable") or kwargs.get("method") not in (None, "__call__"):
+      raise ValueError("Molmo.apply: capture works with the plain forward pass only (no "
+                       "mutable=, no method=)")
+    kwargs.pop("mutable", None)
+    (logits, out), state = super().apply(
+        variables, *args, mutable=[capture_lib.collection(g) for g in groups], **kwargs)
+    return logits, {**out, "captured": capture_lib.collect(state, groups)}
 
   def setup(self):
     cfg = self.config
@@ -75,6 +94,7 @@ class Molmo(nn.Module):
     layers = self.vision(flat)
     features = self.connector(layers, image_masks.reshape(b * n, p), present)      # [B*N, Q, D]
     features = features.reshape(b, n * features.shape[1], features.shape[2])
+    capture_lib.sow(self, "image_features", features)
     return constrain(features, ("activation_batch", "activation_length", "activation_embed"))
 
   def embed_inputs(self, batch: Mapping[str, Array], image_features: Array | None = None) -> Array:
@@ -110,6 +130,11 @@ class Molmo(nn.Module):
       attention_mask = text_attention_mask(input_ids, batch.get("subsegment_ids"))
     logits, out = self.llm(x, positions, attention_mask, cache, cache_index, batch.get("response_mask"))
     return logits, out
+
+  def lm_logits(self, hidden: Array) -> Array:
+    """out["hidden"] [B, T, D] -> logits [B, T, V_emb] float32 (the LM head alone: generation
+    projects only the last prompt position)."""
+    return self.llm.lm_logits(hidden)
 
 
 def example_batch_shapes(config: MolmoConfig, batch: int = 1, length: int = 8, crops: int = 1

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from molmo_jax.config import VisionConfig
+from molmo_jax.models import capture
 from molmo_jax.models.layers import (BTD, BTF, DenseGeneral, LayerNorm, MultiHeadAttention, constrain,
                                      embedding_init, logical, maybe_remat, scan_unroll_steps)
 
@@ -113,10 +114,14 @@ class VisionTransformer(nn.Module):
     if cfg.use_pre_ln:
       x = LayerNorm(cfg.layer_norm_eps, self.dtype, self.param_dtype, name="pre_ln")(x)
     x = constrain(x, BTD)
+    capture.sow(self, "vit_embeddings", x)
 
     block = maybe_remat(VitBlock, self.remat_policy)
     blocks = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                      length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"},
                      unroll=scan_unroll_steps(self.scan_unroll, cfg.num_layers))
     _, hidden = blocks(cfg, self.dtype, self.param_dtype, name="blocks")(x, None)   # [L, B, S, D]
-    return tuple(hidden[i] for i in cfg.resolved_layers())
+    selected = tuple(hidden[i] for i in cfg.resolved_layers())
+    capture.sow(self, "vit_layers", hidden)
+    capture.sow(self, "vit_selected", jnp.stack(selected))
+    return selected
