@@ -45,6 +45,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                  help="compute and parameter dtype (default: the checkpoint's config; the "
                       "reference evaluates in float32)")
+  p.add_argument("--quantize", choices=["none", "int8", "int4", "int8+vit", "int4+vit"],
+                 default="none", help="weight-only quantization of the language model (+vit: and "
+                 "the vision tower) at load time (molmo_jax.quantize)")
   p.add_argument("--resize-method", choices=["tensorflow", "torchvision"], default=None,
                  help="image resize: tensorflow (what converted release checkpoints use, as the HF "
                       "processor) or torchvision (the native repo's default); default: the "
@@ -93,7 +96,8 @@ def main(argv=None) -> int:
   from molmo_jax.predictor import Predictor
   mesh = sharding.make_mesh(data=-1)
   predictor = Predictor.from_checkpoint(args.checkpoint, dtype=args.dtype, mesh=mesh, step=args.step,
-                                        resize_method=args.resize_method)
+                                        resize_method=args.resize_method,
+                                        quantize=args.quantize)
   print(f"{args.checkpoint}: {predictor.config.name}, data-parallel over {len(jax.devices())} "
         f"device(s)", file=sys.stderr)
   options = dict(limit=args.limit, output_dir=args.output, batch_size=args.batch_size,

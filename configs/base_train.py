@@ -18,6 +18,8 @@ Field reference (all overridable with --config.<path>=value):
                         eval tasks (the demo's: molmo_jax.data.synthetic, ...data.demo_tokenizer)
   data.*                molmo_jax.data.pipeline.DataConfig; data.sources is {name: SourceConfig}
   optimizer.*           molmo_jax.training.optimizer.OptimizerConfig (total_steps comes from the top)
+  lora.{rank,alpha,dropout,targets,train,base_dtype}   LoRA fine-tuning (molmo_jax.lora.LoraConfig);
+                        rank 0 (the default) = full fine-tuning
   micro_batches         gradient accumulation: the global batch runs as this many slices
   mesh.{data,fsdp,tensor,expert}   mesh axis sizes; one may be -1 (all remaining devices)
   checkpoint.{save_every,keep,async_save,replica_parallel}
@@ -77,6 +79,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 6198                    # the reference's run seed (the reference's launch_scripts/train_multitask_model.py and train_captioner.py)
   c.total_steps = 1000
   c.micro_batches = 1
+  # LoRA (rank > 0): adapters on `targets`, `train` trained in full, everything else frozen.
+  c.lora = ml_collections.ConfigDict(dict(rank=0, alpha=16.0, dropout=0.0, targets=("llm",),
+                                          train=(), base_dtype="float32"))
   c.z_loss_weight = 1e-4           # softmax_auxiliary_loss (the reference's olmo/train.py (loss))
 
   # AdamW per component, warmup from 0 then cosine to alpha_f * lr, per-component clip 1.0.

@@ -136,9 +136,16 @@ def warmup_steps(value: float, total_steps: int, where: str) -> int:
   return steps
 
 
+def lora_config(config: Any):
+  """LoraConfig from `config.lora` (absent or rank 0 = full fine-tuning)."""
+  from molmo_jax import lora as lora_lib
+  return lora_lib.LoraConfig.from_mapping(config.get("lora"))
+
+
 def optimizer_config(config: Any):
   """OptimizerConfig from `config.optimizer`, with the run's total_steps and every component's
-  warmup resolved (`warmup_steps`: steps or a fraction of the run, clamped below total_steps)."""
+  warmup resolved (`warmup_steps`: steps or a fraction of the run, clamped below total_steps).
+  With LoRA (config.lora.rank > 0) only the adapters and lora.train's parameters train."""
   from molmo_jax.training.optimizer import OptimizerConfig
   total = int(config.total_steps)
   options = config.optimizer.to_dict()
@@ -146,6 +153,12 @@ def optimizer_config(config: Any):
     if isinstance(options.get(component), Mapping) and "warmup_steps" in options[component]:
       options[component] = dict(options[component], warmup_steps=warmup_steps(
           options[component]["warmup_steps"], total, f"optimizer.{component}.warmup_steps"))
+  lora = lora_config(config)
+  if lora.enabled:
+    if options.get("trainable_patterns"):
+      raise ValueError("config.optimizer.trainable_patterns and config.lora both choose what "
+                       "trains; use lora.train for parameters trained in full next to adapters")
+    options["trainable_patterns"] = lora.trainable_patterns()
   return OptimizerConfig.from_mapping({**options, "total_steps": total})
 
 
@@ -168,6 +181,12 @@ class Experiment:
   abstract_state: Any                # TrainState of ShapeDtypeStructs with shardings
   state_shardings: Any               # TrainState of NamedShardings
   step_config: Any                   # molmo_jax.training.train_step.StepConfig
+  lora: Any = None                   # molmo_jax.lora.LoraConfig (rank 0 = off)
+
+  @property
+  def frozen_dtype(self) -> str | None:
+    """dtype of the frozen base in a LoRA run (None: parameters keep the model's dtype)."""
+    return self.lora.base_dtype if self.lora is not None and self.lora.enabled else None
 
   @property
   def init_from(self) -> str:
@@ -203,7 +222,7 @@ class Experiment:
     from molmo_jax.training import train_step as step_lib
     rng = jax.random.PRNGKey(int(self.config.seed if seed is None else seed))
     return step_lib.init_train_state(self.model, self.optimizer, self.mesh, self.batch_spec, rng,
-                                     params=params)
+                                     params=params, frozen_dtype=self.frozen_dtype)
 
   def tokenizer(self):
     return load_tokenizer(self.config.get("tokenizer_dir") or "", self.init_from, self.model_config)
@@ -233,6 +252,7 @@ def build(config: Any, devices: Sequence[Any] | None = None,
 
   mesh_shape: overrides `config.mesh` (e.g. the AOT planner's per-slice meshes).
   """
+  from molmo_jax import lora as lora_lib
   from molmo_jax.models.molmo import Molmo
   from molmo_jax.training import train_step as step_lib
   from molmo_jax.training.optimizer import build_optimizer
@@ -246,14 +266,16 @@ def build(config: Any, devices: Sequence[Any] | None = None,
   if devices is not None:
     mesh_kwargs["devices"] = devices
   mesh = sharding_lib.make_mesh(**mesh_kwargs)
-  model = Molmo(model_cfg)
+  lora = lora_config(config)
+  model = lora_lib.with_lora(Molmo(model_cfg), lora)
   spec = step_lib.batch_spec(model_cfg, data_cfg.global_batch_size, data_cfg.seq_len, max_crops)
   step_cfg = step_lib.StepConfig(micro_batches=int(config.micro_batches),
                                  z_loss_weight=float(config.z_loss_weight))
   optimizer = build_optimizer(optimizer_config(config), step_lib.abstract_params(model, spec))
-  abstract, shardings = step_lib.abstract_train_state(model, optimizer, mesh, spec)
+  abstract, shardings = step_lib.abstract_train_state(
+      model, optimizer, mesh, spec, lora.base_dtype if lora.enabled else None)
   return Experiment(config=config, model_config=model_cfg, data_config=data_cfg,
                     max_crops=max_crops, mesh=mesh, model=model, batch_spec=spec,
                     optimizer=optimizer, abstract_state=abstract, state_shardings=shardings,
-                    step_config=step_cfg)
+                    step_config=step_cfg, lora=lora)
 

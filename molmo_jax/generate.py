@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from molmo_jax.models.decoder import init_cache
+from molmo_jax.models.layers import constrain
 from molmo_jax.models.molmo import Molmo, default_positions
 
 Array = jax.Array
@@ -112,13 +113,29 @@ class DecodeState(NamedTuple):
   next_position: Array    # [B] int32
 
 
-def prefill(params: Any, batch: Mapping[str, Array], *, model: Molmo, steps: int) -> DecodeState:
-  """Runs the prompt (and the vision tower) once into a cache with room for `steps` new tokens."""
+# KV cache [L, B, S, K, h]: batch and kv heads split like the attention's keys (a no-op without
+# an active mesh). Pinned at creation and after every write, so the loops carry it sharded.
+CACHE_AXES = (None, "activation_batch", None, "activation_kv_heads", "activation_head_dim")
+
+
+def _constrain_cache(cache: dict) -> dict:
+  return {k: constrain(v, CACHE_AXES) for k, v in cache.items()}
+
+
+def prefill(params: Any, batch: Mapping[str, Array], *, model: Molmo, steps: int,
+            rows_per_pass: int = 0) -> DecodeState:
+  """Runs the prompt (and the vision tower) once into a cache with room for `steps` new tokens.
+
+  Only the last prompt position's logits are computed (the LM head alone on [B, 1, D]); the
+  prompt's [B, T, V] logits never exist. rows_per_pass: prefill this many rows at a time
+  (0 = all): a pass's attention scores are [rows, H, T, T], so a few rows per pass keep long,
+  big batches small while the cache still fills for the whole batch.
+  """
   input_ids = batch["input_ids"]
   b, t = input_ids.shape
   s = t + steps
   cfg = model.config
-  cache = init_cache(cfg.llm, b, s, jnp.dtype(cfg.dtype))
+  cache = _constrain_cache(init_cache(cfg.llm, b, s, jnp.dtype(cfg.dtype)))
   valid = input_ids != -1
   key_valid = jnp.concatenate([valid, jnp.zeros((b, steps), bool)], axis=1)        # [B, S]
   slots = jnp.arange(s, dtype=jnp.int32)
@@ -127,12 +144,42 @@ def prefill(params: Any, batch: Mapping[str, Array], *, model: Molmo, steps: int
   if positions is None:
     positions = default_positions(input_ids)
   mask = key_valid[:, None, :] & (slots[None, None, :] <= jnp.arange(t)[None, :, None])
-  logits, out = model.apply({"params": params}, dict(batch, position_ids=positions), cache=cache,
-                            cache_index=jnp.int32(0), attention_mask=mask)
   last = jnp.maximum(jnp.sum(valid, axis=1) - 1, 0)                                  # [B]
   rows = jnp.arange(b)
-  return DecodeState(out["cache"], key_valid, logits[rows, last].astype(jnp.float32),
-                     positions[rows, last] + 1)
+  inputs = dict(batch, position_ids=positions)
+  if not rows_per_pass or rows_per_pass >= b:
+    _, out = model.apply({"params": params}, inputs, cache=cache, cache_index=jnp.int32(0),
+                         attention_mask=mask)
+    cache, hidden = _constrain_cache(out["cache"]), out["hidden"][rows, last]
+  else:
+    cache, hidden = _prefill_in_passes(params, inputs, cache, mask, last, model, rows_per_pass)
+  logits = model.apply({"params": params}, hidden[:, None], method="lm_logits")[:, 0]
+  return DecodeState(cache, key_valid, logits.astype(jnp.float32), positions[rows, last] + 1)
+
+
+def _prefill_in_passes(params: Any, inputs: Mapping[str, Array], cache: dict, mask: Array,
+                       last: Array, model: Molmo, r: int) -> tuple[dict, Array]:
+  """prefill's row passes -> (cache [L, B, S, K, h], last prompt positions' hidden [B, D])."""
+  b = inputs["input_ids"].shape[0]
+  if b % r:
+    raise ValueError(f"prefill rows_per_pass {r} must divide the batch size {b}")
+  take = lambda x, start: jax.lax.dynamic_slice_in_dim(x, start, r, axis=0)
+
+  def one_pass(g, carry):
+    cache, hidden = carry
+    start = g * r
+    piece = {k: take(v, start) for k, v in inputs.items()}
+    small = _constrain_cache({k: jnp.zeros((v.shape[0], r) + v.shape[2:], v.dtype)
+                              for k, v in cache.items()})
+    _, out = model.apply({"params": params}, piece, cache=small, cache_index=jnp.int32(0),
+                         attention_mask=take(mask, start))
+    cache = _constrain_cache({k: jax.lax.dynamic_update_slice_in_dim(cache[k], out["cache"][k],
+                                                                    start, axis=1) for k in cache})
+    h = out["hidden"][jnp.arange(r), take(last, start)]
+    return cache, jax.lax.dynamic_update_slice_in_dim(hidden, h, start, axis=0)
+
+  hidden0 = jnp.zeros((b, model.config.llm.d_model), jnp.dtype(model.config.dtype))
+  return jax.lax.fori_loop(0, b // r, one_pass, (cache, hidden0))
 
 
 def decode_step(params: Any, state: DecodeState, slot: Array, done: Array, rng: Array, *,
@@ -148,16 +195,18 @@ def decode_step(params: Any, state: DecodeState, slot: Array, done: Array, rng: 
                 "position_ids": state.next_position[:, None]}
   step_logits, out = model.apply({"params": params}, step_batch, cache=state.cache,
                                  cache_index=slot, attention_mask=mask)
-  new_state = DecodeState(out["cache"], key_valid, step_logits[:, 0].astype(jnp.float32),
+  new_state = DecodeState(_constrain_cache(out["cache"]), key_valid,
+                          step_logits[:, 0].astype(jnp.float32),
                           state.next_position + 1)
   return new_state, token
 
 
 def _generate(params: Any, batch: Mapping[str, Array], rng: Array, *, model: Molmo,
-              sampling: SamplingConfig) -> tuple[Array, Array, Array]:
+              sampling: SamplingConfig, prefill_rows_per_pass: int = 0
+              ) -> tuple[Array, Array, Array]:
   b, t = batch["input_ids"].shape
   steps = sampling.max_new_tokens
-  state = prefill(params, batch, model=model, steps=steps)
+  state = prefill(params, batch, model=model, steps=steps, rows_per_pass=prefill_rows_per_pass)
   eos = -1 if sampling.eos_id is None else sampling.eos_id
   tokens = jnp.full((b, steps), sampling.pad_id, jnp.int32)
   done = jnp.zeros((b,), bool)

@@ -48,6 +48,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--batch-size", type=int, default=8, help="prompts per generation call")
   p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                  help="compute and parameter dtype (default: the checkpoint's config)")
+  p.add_argument("--quantize", choices=["none", "int8", "int4", "int8+vit", "int4+vit"],
+                 default="none", help="weight-only quantization of the language model (+vit: and "
+                 "the vision tower) at load time (molmo_jax.quantize)")
   p.add_argument("--resize-method", choices=["tensorflow", "torchvision"], default=None,
                  help="image resize: tensorflow (what converted release checkpoints use, as the HF "
                       "processor) or torchvision (the native repo's default); default: the "
@@ -104,7 +107,8 @@ def main(argv=None) -> int:
   from molmo_jax.preprocess import inputs, points as points_lib
 
   predictor = Predictor.from_checkpoint(args.checkpoint, dtype=args.dtype, max_crops=args.max_crops,
-                                        resize_method=args.resize_method, step=args.step)
+                                        resize_method=args.resize_method, step=args.step,
+                                        quantize=args.quantize)
   images = args.image or [None] * len(args.prompt)
   sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             top_k=args.top_k, top_p=args.top_p)

@@ -90,9 +90,20 @@ class Predictor:
 
   def __init__(self, config: MolmoConfig, params: Any, tokenizer: MolmoTokenizer, *,
                mesh: jax.sharding.Mesh | None = None, max_crops: int | None = None,
-               length_bucket: int = 64):
+               length_bucket: int = 64, quantize: Any = None):
+    """quantize: None / "none" (float weights), "int8" or "int4" weight-only for the language
+    model, "+vit" to include the vision tower (e.g. "int8+vit"), or a QuantizeConfig; the float
+    `params` are quantized here (see molmo_jax.quantize)."""
+    from molmo_jax import quantize as quantize_lib
     self.config = config
-    self.model = Molmo(config)
+    self.quantize = quantize_lib.from_mapping(quantize)
+    self.model = quantize_lib.quantized_model(Molmo(config), self.quantize)
+    if self.quantize.enabled:
+      if mesh is not None:
+        with sharding.activate(mesh):
+          params = quantize_lib.quantize_params(self.model, params)
+      else:
+        params = quantize_lib.quantize_params(self.model, params)
     self.params = params
     self.tokenizer = tokenizer
     self.mesh = mesh
@@ -104,7 +115,7 @@ class Predictor:
                       mesh: jax.sharding.Mesh | None = None, max_crops: int | None = None,
                       resize_method: str | None = None,
                       preprocess: Mapping[str, Any] | None = None,
-                      step: int | None = None) -> "Predictor":
+                      step: int | None = None, quantize: Any = None) -> "Predictor":
     """Loads params, config and tokenizer from a model directory or a training workdir (its
     latest checkpoint, or `step`); relative paths are fine.
 
@@ -116,6 +127,8 @@ class Predictor:
         or "torchvision" (the native repo's default); see docs/fidelity.md.
       preprocess: other PreprocessConfig fields to change (e.g. {"alpha": "composite"}).
       step: the training step when `directory` is a training workdir (default: the latest).
+      quantize: "int8", "int4", "int8+vit", ... quantizes the weights at load time
+        (molmo_jax.quantize); None / "none" keeps them in float.
     """
     from molmo_jax.model_dir import load_model_checkpoint, locate_model
     source = locate_model(directory, step)
@@ -129,7 +142,7 @@ class Predictor:
       raise FileNotFoundError(f"{source.describe()}: no tokenizer/ folder; copy the tokenizer "
                               "files (tokenizer.json, ...) there")
     tokenizer = MolmoTokenizer.from_checkpoint(ckpt.tokenizer_dir, config.llm.vocab_size)
-    return cls(config, ckpt.params, tokenizer, mesh=mesh, max_crops=max_crops)
+    return cls(config, ckpt.params, tokenizer, mesh=mesh, max_crops=max_crops, quantize=quantize)
 
   def batch(self, images: Sequence[Any], prompts: Sequence[str], *,
             style: str | None = None) -> inputs.ModelBatch:

@@ -93,3 +93,40 @@ def test_aot_command_line_exit_status_and_json(tmp_path):
   bad = subprocess.run([sys.executable, str(ROOT / "aot.py"), "--config", str(ROOT / "configs" / "tiny_test.py"),
                         "--topology", "v9:1x1"], env=env, capture_output=True, text=True, timeout=120)
   assert bad.returncode == 2 and "topology" in bad.stderr
+
+
+def test_tiny_lora_train_step_compiles_with_state_for_adapters_only():
+  _require_libtpu()
+  from molmo_jax.training import aot
+  full = aot.compile_train_step(_tiny_config(**{"mesh.data": 1, "mesh.fsdp": 4}), "v5p:2x2x1")
+  config = _tiny_config(**{"mesh.data": 1, "mesh.fsdp": 4, "lora.rank": 4,
+                           "lora.train": ("connector",), "lora.base_dtype": "bfloat16",
+                           "micro_batches": 2})
+  report = aot.compile_train_step(config, "v5p:2x2x1")
+  assert report.error is None and report.fits
+  assert "llm/blocks/attention/query/lora_a" in report.param_sharding
+  assert report.param_count > full.param_count                  # base + adapters
+  assert 0 < report.trainable_param_count < full.trainable_param_count / 2
+  # No optimizer state or fp32 copy for the frozen base: the state is much smaller.
+  assert report.argument_bytes < 0.6 * full.argument_bytes
+
+
+@pytest.mark.parametrize("quantize", ["int8", "none"])
+def test_tiny_generation_step_compiles_int8_smaller_than_bf16(quantize):
+  _require_libtpu()
+  from molmo_jax import config as C
+  from molmo_jax.training import aot
+  cfg = C.tiny("qwen2", vocab_size=512, embedding_size=512)
+  report = aot.compile_generation_step(cfg, "v5p:2x2x1", batch_size=4, prompt_length=64,
+                                       quantize=quantize, dtype="bfloat16", crops=2,
+                                       prefill_rows_per_pass=2)
+  assert report.error is None and report.fits
+  assert report.mesh["tensor"] == 4
+  assert report.argument_bytes > 0 and report.temp_bytes > 0
+  test_tiny_generation_step_compiles_int8_smaller_than_bf16.sizes[quantize] = report.argument_bytes
+  sizes = test_tiny_generation_step_compiles_int8_smaller_than_bf16.sizes
+  if len(sizes) == 2:
+    assert sizes["int8"] < sizes["none"]
+
+
+test_tiny_generation_step_compiles_int8_smaller_than_bf16.sizes = {}

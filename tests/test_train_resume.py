@@ -122,6 +122,32 @@ def test_sigterm_then_restart_matches_straight_run(straight, cache, tmp_path):
   assert jax.tree.all(jax.tree.map(np.array_equal, resumed, reference))
 
 
+LORA = ("--config.lora.rank=4", "--config.lora.train=('connector',)")
+
+
+def test_lora_run_resumes_exactly_and_writes_its_adapters(cache, tmp_path_factory):
+  from molmo_jax import lora
+  straight = tmp_path_factory.mktemp("lora_straight")
+  finish(launch(straight, cache, *LORA))
+  resumed = tmp_path_factory.mktemp("lora_resumed")
+  proc = launch(resumed, cache, *LORA, "--config.debug_step_sleep_s=0.4")
+  wait_for(lambda: logged_step(resumed) >= 2, proc, "step 2")
+  proc.send_signal(signal.SIGTERM)
+  assert "stopped by signal" in finish(proc)
+  stopped_at = complete_steps(resumed)[-1]
+  assert 2 <= stopped_at < TOTAL
+  assert f"resumed from step {stopped_at}" in finish(launch(resumed, cache, *LORA))
+  assert losses(resumed) == losses(straight)                      # bit-identical floats
+  final = final_params(straight)
+  assert jax.tree.all(jax.tree.map(np.array_equal, final_params(resumed), final))
+  # The adapters alone, as trained: lora_a/lora_b and the connector, nothing else of the LLM.
+  tree, cfg = lora.load_adapters(straight / "adapters")
+  assert cfg.rank == 4 and json.loads((straight / "lora.json").read_text())["rank"] == 4
+  expected = lora.adapter_params(final, cfg)
+  assert jax.tree.all(jax.tree.map(np.array_equal, jax.device_get(tree), expected))
+  assert "kernel" not in tree["llm"]["blocks"]["mlp"]["up"]
+
+
 def test_sigkill_during_async_save_resumes_from_last_complete(straight, cache, tmp_path):
   proc = launch(tmp_path, cache, "--config.checkpoint.save_every=1",
                 "--config.debug_step_sleep_s=0.3")

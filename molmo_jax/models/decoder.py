@@ -18,8 +18,8 @@ import jax.numpy as jnp
 
 from molmo_jax.config import LLMConfig
 from molmo_jax.models import capture
-from molmo_jax.models.layers import (DecoderAttention, RMSNorm, SwiGLU, constrain, embedding_init,
-                                     flat_dot, kernel_init, scan_unroll_steps,
+from molmo_jax.models.layers import (DecoderAttention, RMSNorm, SwiGLU, cast_param, constrain,
+                                     embedding_init, flat_dot, kernel_init, scan_unroll_steps,
                                      logical, maybe_remat)
 from molmo_jax.models.moe import MoEBlock
 
@@ -140,10 +140,14 @@ class Decoder(nn.Module):
     capture.sow(self, "decoder_embeddings", x)
     x, (new_cache, aux) = self.blocks(x, positions, mask, response_mask, cache, cache_index)
     hidden = constrain(self.final_norm(x), ("activation_batch", "activation_length", "activation_embed"))
-    logits = flat_dot(hidden, self.lm_head.astype(self.dtype), preferred_element_type=jnp.float32)
-    logits = constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
+    logits = self.lm_logits(hidden)
     aux = jax.tree.map(jnp.sum, aux)
     return logits, {"hidden": hidden, "cache": new_cache, "aux": aux}
+
+  def lm_logits(self, hidden: Array) -> Array:
+    """hidden [B, T, D] (after final_norm) -> logits [B, T, V_emb] float32."""
+    logits = flat_dot(hidden, cast_param(self.lm_head, self.dtype), preferred_element_type=jnp.float32)
+    return constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
 
 
 def init_cache(config: LLMConfig, batch: int, length: int, dtype=jnp.float32) -> dict[str, Array]:

@@ -11,8 +11,10 @@ compute dtype; the result is cast back to the compute dtype.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import flax.linen as nn
 import jax
@@ -60,6 +62,28 @@ BTNH = ("activation_batch", "activation_length", "activation_heads", "activation
 BTKH = ("activation_batch", "activation_length", "activation_kv_heads", "activation_head_dim")
 
 
+_NATIVE_DOTS = contextvars.ContextVar("molmo_jax_native_dots", default=False)
+
+
+@contextlib.contextmanager
+def native_dots() -> Iterator[None]:
+  """Inside, DenseGeneral contracts its kernel in the kernel's own N-D shape (lax.dot_general)
+  instead of as a 2-D matmul. qwix (molmo_jax/quantize.py) needs this: it quantizes the
+  parameter it sees in the matmul and keeps the parameter's logical axes, which a reshaped
+  kernel no longer matches. Same sums; only the CPU speed of the backward pass differs."""
+  token = _NATIVE_DOTS.set(True)
+  try:
+    yield
+  finally:
+    _NATIVE_DOTS.reset(token)
+
+
+def cast_param(kernel: Any, dtype: Dtype) -> Any:
+  """kernel in `dtype`. jnp.asarray rather than .astype: under qwix (molmo_jax/quantize.py) the
+  parameter is a quantized wrapper whose cast qwix intercepts here."""
+  return jnp.asarray(kernel, dtype)
+
+
 def flat_dot(x: Array, kernel: Array, contract: int = 1, preferred_element_type=None) -> Array:
   """x [*batch, *in] . kernel [*in, *out] -> [*batch, *out], computed as one 2-D matmul.
 
@@ -102,7 +126,12 @@ class DenseGeneral(nn.Module):
     out_axes = tuple(range(self.contract, self.contract + len(features)))
     kernel = self.param("kernel", logical(kernel_init(in_axes, out_axes), self.axes),
                         in_shape + features, self.param_dtype)
-    y = flat_dot(x.astype(self.dtype), kernel.astype(self.dtype), self.contract)
+    kernel = cast_param(kernel, self.dtype)
+    if _NATIVE_DOTS.get():
+      dims = (tuple(range(x.ndim - self.contract, x.ndim)), tuple(range(self.contract)))
+      y = jax.lax.dot_general(x.astype(self.dtype), kernel, (dims, ((), ())))
+    else:
+      y = flat_dot(x.astype(self.dtype), kernel, self.contract)
     if self.use_bias:
       bias = self.param("bias", logical(nn.initializers.zeros, self.axes[self.contract:]), features,
                         self.param_dtype)

@@ -131,6 +131,11 @@ class Molmo(nn.Module):
     logits, out = self.llm(x, positions, attention_mask, cache, cache_index, batch.get("response_mask"))
     return logits, out
 
+  def lm_logits(self, hidden: Array) -> Array:
+    """out["hidden"] [B, T, D] -> logits [B, T, V_emb] float32 (the LM head alone: generation
+    projects only the last prompt position)."""
+    return self.llm.lm_logits(hidden)
+
 
 def example_batch_shapes(config: MolmoConfig, batch: int = 1, length: int = 8, crops: int = 1
                          ) -> dict[str, jax.ShapeDtypeStruct]:

@@ -25,6 +25,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--model-name", default=None, help="name in /v1/models (default: the directory name)")
   p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
   p.add_argument("--max-crops", type=int, default=None)
+  p.add_argument("--quantize", choices=["none", "int8", "int4", "int8+vit", "int4+vit"],
+                 default="none", help="weight-only quantization of the language model (+vit: and "
+                 "the vision tower) at load time (molmo_jax.quantize)")
   p.add_argument("--resize-method", choices=["tensorflow", "torchvision"], default=None,
                  help="image resize (default: the checkpoint's config; see docs/fidelity.md)")
   p.add_argument("--mesh", default=None,
@@ -98,7 +101,8 @@ def main(argv=None) -> int:
   except ValueError as e:
     raise errors.UserError("--mesh", str(e)) from e
   predictor = Predictor.from_checkpoint(args.checkpoint, dtype=args.dtype, mesh=mesh,
-                                        max_crops=args.max_crops, resize_method=args.resize_method)
+                                        max_crops=args.max_crops, resize_method=args.resize_method,
+                                        quantize=args.quantize)
   engine = BatchingEngine(ModelBackend(predictor, decode_chunk=args.decode_chunk), max_batch=args.max_batch,
                           batch_wait_s=args.batch_wait_ms / 1000, queue_size=args.queue_size,
                           batch_sizes=args.batch_sizes).start()

@@ -20,6 +20,7 @@ import time
 from typing import Any, Mapping
 
 import jax
+import numpy as np
 
 from molmo_jax import sharding as sharding_lib
 from molmo_jax.errors import UserError
@@ -48,6 +49,7 @@ class CompileReport:
   model_flops_per_step: float = 0.0
   compiled_flops_per_step: float | None = None
   param_count: int = 0
+  trainable_param_count: int = 0
   param_sharding: dict[str, str] = dataclasses.field(default_factory=dict)
 
   @property
@@ -118,6 +120,9 @@ def compile_train_step(config: Any, topology: str, mesh_shape: Mapping[str, int]
       topology=topology, chips=chips, mesh={k: int(v) for k, v in exp.mesh.shape.items()},
       fits=False, hbm_per_chip_bytes=HBM_BYTES[generation],
       model_flops_per_step=exp.step_flops(), param_count=exp.param_count(),
+      trainable_param_count=int(sum(np.prod(p.shape) for p, label in zip(
+          jax.tree.leaves(exp.abstract_state.params), jax.tree.leaves(exp.optimizer.labels))
+          if label != "frozen")),
       param_sharding=sharding_lib.describe(exp.state_shardings.params))
   start = time.time()
   try:
@@ -170,3 +175,120 @@ def sharding_by_logical_axis(report: CompileReport) -> dict[str, list[str]]:
   for path, spec in report.param_sharding.items():
     groups.setdefault(spec, []).append(path)
   return groups
+
+
+# ------------------------------------------------------------------------------------------
+# Generation (serving) step
+# ------------------------------------------------------------------------------------------
+
+def _merged_spec(float_shape: tuple[int, ...], spec: tuple, shape: tuple[int, ...]) -> tuple:
+  """PartitionSpec of a row-major merge of `float_shape` into `shape` (qwix keeps a kernel in its
+  2-D compute shape): each merged dim takes the first mesh axis of the dims it merges (splitting
+  the outer dim in blocks is the same layout as splitting the merged one)."""
+  out, i = [], 0
+  for size in shape:
+    group, prod = [], 1
+    while i < len(float_shape) and (prod < size or (size == 1 and not group)):
+      group.append(i)
+      prod *= float_shape[i]
+      i += 1
+    if prod != size:
+      raise ValueError(f"cannot map shape {float_shape} onto {shape}")
+    axes = [spec[g] for g in group if spec[g] is not None]
+    out.append(axes[0] if axes else None)
+  return tuple(out)
+
+
+def _quantized_shardings(abstract: Any, float_shardings: Any, mesh, float_abstract: Any) -> Any:
+  """Shardings of a (possibly qwix-quantized) parameter tree from the float tree's shardings.
+
+  A quantized weight's values share the float kernel's sharding; its per-channel scale keeps the
+  kernel's rank with size-1 axes where the kernel was reduced, and those axes are not split.
+  """
+  import flax
+  from jax.sharding import NamedSharding, PartitionSpec
+  from molmo_jax import quantize as quantize_lib
+  flat_sh = flax.traverse_util.flatten_dict(float_shardings)
+  flat_float = flax.traverse_util.flatten_dict(float_abstract)
+  flat = flax.traverse_util.flatten_dict(abstract, is_leaf=lambda _, x: quantize_lib._is_with_aux(x))
+  out = {}
+  for path, leaf in flat.items():
+    sharding = flat_sh[path]
+    if not quantize_lib._is_with_aux(leaf):
+      out[path] = sharding
+      continue
+    float_shape = flat_float[path].shape
+    spec = tuple(sharding.spec) + (None,) * (len(float_shape) - len(sharding.spec))
+    merged = _merged_spec(float_shape, spec, tuple(leaf.shape))
+
+    def for_array(x, merged=merged):
+      kept = tuple(s if dim != 1 or full == 1 else None
+                   for s, dim, full in zip(merged, x.shape, leaf.shape))
+      return NamedSharding(mesh, PartitionSpec(*kept))
+
+    out[path] = jax.tree.map(for_array, leaf)
+  return flax.traverse_util.unflatten_dict(out)
+
+
+def compile_generation_step(model_cfg: Any, topology: str, batch_size: int, prompt_length: int,
+                            quantize: str = "int8", dtype: str = "bfloat16",
+                            mesh_shape: Mapping[str, int] | None = None, crops: int | None = None,
+                            prefill_rows_per_pass: int = 0) -> CompileReport:
+  """Compiles generation as Predictor runs it, for `topology`: the prefill of a batch of
+  `prompt_length`-token prompts (with images of `crops` crops, default max_crops + 1) into a
+  KV cache, then one decode step, with the weights in `dtype` or quantized (`quantize`).
+
+  mesh_shape: default all chips on the tensor axis (weights, KV cache and attention heads split;
+  the batch replicated), the layout for a batch too small to split over 8 chips.
+  """
+  import functools
+  import jax.numpy as jnp
+  import flax.linen as nn
+  from molmo_jax import quantize as quantize_lib
+  from molmo_jax.generate import SamplingConfig, _generate
+  from molmo_jax.models.molmo import Molmo, abstract_variables, example_batch_shapes
+
+  generation, chips = parse_topology(topology)
+  devices = topology_devices(topology)
+  mesh = sharding_lib.make_mesh(devices=devices, **dict(mesh_shape or {"data": 1, "tensor": -1}))
+  config = model_cfg.replace(dtype=dtype, param_dtype=dtype)
+  qcfg = quantize_lib.from_mapping(quantize)
+  model = quantize_lib.quantized_model(Molmo(config), qcfg)
+  boxed = abstract_variables(config)["params"]
+  float_sh = sharding_lib.param_shardings(boxed, mesh)
+  if qcfg.enabled:
+    abstract = quantize_lib.abstract_quantized_params(model)
+    shardings = _quantized_shardings(abstract, float_sh, mesh, nn.unbox(boxed))
+  else:
+    abstract, shardings = nn.unbox(boxed), float_sh
+  params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        abstract, shardings)
+  crops = crops or config.preprocess.max_crops + 1
+  spec = example_batch_shapes(config, batch_size, prompt_length, crops)
+  spec["position_ids"] = jax.ShapeDtypeStruct((batch_size, prompt_length), jnp.int32)
+  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding_lib.data_sharding(mesh, v.ndim))
+           for k, v in spec.items()}
+  rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=sharding_lib.replicated(mesh))
+  fn = jax.jit(functools.partial(_generate, model=model, sampling=SamplingConfig(max_new_tokens=1),
+                                 prefill_rows_per_pass=prefill_rows_per_pass))
+  report = CompileReport(
+      topology=topology, chips=chips, mesh={k: int(v) for k, v in mesh.shape.items()}, fits=False,
+      hbm_per_chip_bytes=HBM_BYTES[generation],
+      param_count=int(sum(np.prod(p.shape) for p in jax.tree.leaves(nn.unbox(boxed)))),
+      param_sharding=sharding_lib.describe(float_sh))
+  start = time.time()
+  try:
+    with sharding_lib.activate(mesh):
+      compiled = fn.lower(params, batch, rng).compile()
+  except Exception as e:
+    report.compile_seconds = time.time() - start
+    message = str(e)
+    if "RESOURCE_EXHAUSTED" in message or "exceeds" in message.lower():
+      report.error = _first_lines(message)
+      return report
+    raise
+  report.compile_seconds = time.time() - start
+  for key, value in _memory(compiled).items():
+    setattr(report, key, value)
+  report.fits = report.total_bytes <= report.hbm_per_chip_bytes
+  return report

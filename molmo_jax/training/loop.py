@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from molmo_jax import errors
+from molmo_jax import lora as lora_lib
 from molmo_jax import experiment as experiment_lib
 from molmo_jax import sharding as sharding_lib
 from molmo_jax.model_dir import (TOKENIZER_DIR, locate_model, restore_params_only,
@@ -334,7 +335,15 @@ def _restore_or_init(exp: experiment_lib.Experiment, ckpt: TrainCheckpointer,
       where = locate_model(config.init_from).params_dir
     except FileNotFoundError:   # ... or a checkpoint step / Orbax PyTree directory itself
       where = config.init_from
-    params = restore_params_only(where, abstract.params)
+    if exp.frozen_dtype is None:
+      params = restore_params_only(where, abstract.params)
+    else:
+      # A LoRA run starts from a plain model: restore the base (in its training dtype), add
+      # fresh adapters (A random, B zero: the model's outputs start unchanged).
+      params = restore_params_only(where, lora_lib.base_params(abstract.params))
+      adapters = lora_lib.init_adapters(exp.model, jax.random.fold_in(
+          jax.random.PRNGKey(int(config.seed)), 1), step_lib._init_batch(exp.batch_spec))
+      params = lora_lib.combine(params, adapters)
     _log.info("initialised parameters from %s", config.init_from)
   return exp.init_state(params=params)
 
@@ -382,6 +391,9 @@ def _train(config: Any, workdir: str | os.PathLike, data_iterator: Any,
   if jax.process_index() == 0:    # before anything in the workdir is read or written
     stack.enter_context(workdir_lib.WorkdirLock(workdir))
   exp = experiment_lib.build(config)
+  lora_cfg = exp.lora
+  if lora_cfg.enabled and jax.process_index() == 0:
+    (workdir / "lora.json").write_text(lora_cfg.to_json())
   if jax.process_index() == 0:
     _warn_if_total_steps_changed(workdir, exp.total_steps)
     workdir_lib.check_and_record_configs(workdir, exp.model_config.to_json(),
@@ -409,8 +421,13 @@ def _train(config: Any, workdir: str | os.PathLike, data_iterator: Any,
                                throughput, profiler, stop, total_steps,
                                PaddingCheck(exp.data_config.seq_len, min(10, total_steps)), preview)
     ckpt.wait_until_finished()
+    params = state.params
+    if lora_cfg.enabled:
+      _save_run_adapters(workdir, state, lora_cfg)
+      params = lora_lib.merge_adapters(lora_lib.base_params(params),
+                                       lora_lib.adapter_params(params, lora_cfg), lora_cfg)
     if config.get("export_model", True) and result.last_metrics:   # not when stopped before a step
-      export_model(workdir, exp.model_config, state.params, result.step)
+      export_model(workdir, exp.model_config, params, result.step)
     return result
   finally:
     ckpt.wait_until_finished()
@@ -490,6 +507,16 @@ def export_model(workdir: Path, model_cfg: Any, params: Any, step: int) -> Path 
                               tokenizer_dir=tokenizer if tokenizer.is_dir() else None, overwrite=True)
   _log.info("model directory of step %d -> %s (%.1f s)", step, out, time.perf_counter() - start)
   return out
+
+
+def _save_run_adapters(workdir: Path, state: Any, lora_cfg: lora_lib.LoraConfig) -> None:
+  """workdir/adapters: the run's latest adapters alone (lora.json + Orbax tree), for merging."""
+  if jax.process_count() > 1:
+    _log.info("multi-process run: adapters are not written separately; the exported model "
+              "has them merged")
+    return
+  out = lora_lib.save_adapters(workdir / "adapters", state.params, lora_cfg, overwrite=True)
+  _log.info("adapters of step %d written to %s", int(jax.device_get(state.step)), out)
 
 
 def _run_steps(config, state, step_fn, data_iter: Iterator, mesh, ckpt: TrainCheckpointer,

@@ -84,6 +84,9 @@ class OptimizerConfig:
   max_grad_norm: float | None = 1.0        # per component; None = no clipping (norms still logged)
   alpha_f: float = 0.1                     # cosine ends at alpha_f * lr
   frozen_patterns: tuple[str, ...] = DEFAULT_FROZEN_PATTERNS
+  # When non-empty, only parameters matching one of these regexes train; all others are frozen
+  # (LoRA: the adapters and any fully trained part; see molmo_jax.lora).
+  trainable_patterns: tuple[str, ...] = ()
 
   def __post_init__(self):
     if self.total_steps < 1:
@@ -97,12 +100,13 @@ class OptimizerConfig:
                          self.total_steps, self.alpha_f)
     if self.max_grad_norm is not None and not self.max_grad_norm > 0:
       raise ValueError(f"optimizer.max_grad_norm: expected > 0 or None, got {self.max_grad_norm}")
-    for pattern in self.frozen_patterns:
-      try:
-        re.compile(pattern)
-      except re.error as e:
-        raise ValueError(f"optimizer.frozen_patterns: {pattern!r} is not a valid regex: "
-                         f"{e}") from None
+    for field in ("frozen_patterns", "trainable_patterns"):
+      for pattern in getattr(self, field):
+        try:
+          re.compile(pattern)
+        except re.error as e:
+          raise ValueError(f"optimizer.{field}: {pattern!r} is not a valid regex: "
+                           f"{e}") from None
 
   @classmethod
   def from_mapping(cls, cfg: Mapping[str, Any]) -> "OptimizerConfig":
@@ -122,8 +126,9 @@ class OptimizerConfig:
           raise ValueError(f"optimizer config.{name}: unknown field(s) {extra}; "
                            "known: ['learning_rate', 'warmup_steps']")
         kwargs[name] = ComponentSchedule(**sub)
-    if "frozen_patterns" in kwargs:
-      kwargs["frozen_patterns"] = tuple(kwargs["frozen_patterns"])
+    for field in ("frozen_patterns", "trainable_patterns"):
+      if field in kwargs:
+        kwargs[field] = tuple(kwargs[field])
     return cls(**kwargs)
 
 
@@ -136,9 +141,15 @@ def param_names(params: Any) -> Any:
   return jax.tree_util.tree_map_with_path(lambda path, _: path_name(path), params)
 
 
-def assign_group(name: str, frozen_patterns: tuple[str, ...] = DEFAULT_FROZEN_PATTERNS) -> str:
-  """Group label of one parameter name: 'frozen', 'connector', 'vit' or 'llm'."""
+def assign_group(name: str, frozen_patterns: tuple[str, ...] = DEFAULT_FROZEN_PATTERNS,
+                 trainable_patterns: tuple[str, ...] = ()) -> str:
+  """Group label of one parameter name: 'frozen', 'connector', 'vit' or 'llm'.
+
+  Frozen: matches a frozen pattern, or trainable_patterns is non-empty and it matches none.
+  """
   if any(re.search(p, name) for p in frozen_patterns):
+    return FROZEN
+  if trainable_patterns and not any(re.search(p, name) for p in trainable_patterns):
     return FROZEN
   for component, pattern in COMPONENT_RULES:
     if re.search(pattern, name):
@@ -147,9 +158,11 @@ def assign_group(name: str, frozen_patterns: tuple[str, ...] = DEFAULT_FROZEN_PA
                    "vision/, connector/ or llm/ (see COMPONENT_RULES)")
 
 
-def param_groups(params: Any, frozen_patterns: tuple[str, ...] = DEFAULT_FROZEN_PATTERNS) -> Any:
+def param_groups(params: Any, frozen_patterns: tuple[str, ...] = DEFAULT_FROZEN_PATTERNS,
+                 trainable_patterns: tuple[str, ...] = ()) -> Any:
   """Pytree of group labels with the structure of `params`."""
-  return jax.tree.map(lambda name: assign_group(name, frozen_patterns), param_names(params))
+  return jax.tree.map(lambda name: assign_group(name, frozen_patterns, trainable_patterns),
+                      param_names(params))
 
 
 def _decay_mask(params: Any) -> Any:
@@ -309,7 +322,7 @@ def build_optimizer(train_cfg: OptimizerConfig | Mapping[str, Any], params_or_sh
   """
   cfg = (train_cfg if isinstance(train_cfg, OptimizerConfig)
          else OptimizerConfig.from_mapping(train_cfg))
-  labels = param_groups(params_or_shapes, cfg.frozen_patterns)
+  labels = param_groups(params_or_shapes, cfg.frozen_patterns, cfg.trainable_patterns)
   present = set(jax.tree.leaves(labels))
   schedules = {}
   transforms: dict[str, optax.GradientTransformation] = {FROZEN: freeze()}

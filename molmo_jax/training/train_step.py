@@ -14,6 +14,10 @@ One step:
   grads = Σ_m ∇ [(CE_m + z_m) / normaliser + moe_aux_m / M]     (lax.scan over m)
   params, opt_state = AdamW per component (optimizer.py) applied once
 
+Only trainable leaves are differentiated and accumulated; frozen ones (optimizer label "frozen":
+the pretrained token table, or a LoRA run's whole base) pass through the step unchanged, with no
+gradient buffer and no optimizer state.
+
 Round-robin dealing keeps every device busy in every micro-batch: a device holding rows
 [k·B/D, (k+1)·B/D) holds B/(D·M) rows of each micro-batch. Because the loss of each piece is
 divided by the global normaliser, M micro-batches give the gradient of one full-batch step.
@@ -181,11 +185,16 @@ def abstract_params(model: Molmo, spec: Mapping[str, jax.ShapeDtypeStruct]) -> A
 
 
 def abstract_train_state(model: Molmo, optimizer: MolmoOptimizer, mesh: Mesh,
-                         spec: Mapping[str, jax.ShapeDtypeStruct]) -> tuple[TrainState, TrainState]:
-  """(ShapeDtypeStructs of the state with `.sharding` set, the state's NamedShardings)."""
+                         spec: Mapping[str, jax.ShapeDtypeStruct], frozen_dtype: Any = None
+                         ) -> tuple[TrainState, TrainState]:
+  """(ShapeDtypeStructs of the state with `.sharding` set, the state's NamedShardings).
+
+  frozen_dtype: optional dtype the frozen parameters are held in (e.g. bfloat16 for a LoRA base);
+    trainable parameters keep the model's param_dtype.
+  """
   boxed = _abstract_boxed(model, spec)
   param_sh = sharding_lib.param_shardings(boxed, mesh)["params"]
-  abstract_params = nn.unbox(boxed)["params"]
+  abstract_params = _with_frozen_dtype(nn.unbox(boxed)["params"], optimizer.labels, frozen_dtype)
   abstract_opt = jax.eval_shape(optimizer.tx.init, abstract_params)
   replicated = sharding_lib.replicated(mesh)
   shardings = TrainState(step=replicated, params=param_sh,
@@ -197,16 +206,32 @@ def abstract_train_state(model: Molmo, optimizer: MolmoOptimizer, mesh: Mesh,
   return with_sharding, shardings
 
 
+def _with_frozen_dtype(params: Any, labels: Any, dtype: Any) -> Any:
+  if dtype is None:
+    return params
+  dtype = jnp.dtype(dtype)
+
+  def cast(p, label):
+    if label != FROZEN or p.dtype == dtype:
+      return p
+    if isinstance(p, jax.ShapeDtypeStruct):
+      return jax.ShapeDtypeStruct(p.shape, dtype, sharding=p.sharding)
+    return p.astype(dtype)
+
+  return jax.tree.map(cast, params, labels)
+
+
 def init_train_state(model: Molmo, optimizer: MolmoOptimizer, mesh: Mesh,
                      spec: Mapping[str, jax.ShapeDtypeStruct], rng: jax.Array,
-                     params: Any = None) -> TrainState:
+                     params: Any = None, frozen_dtype: Any = None) -> TrainState:
   """A fresh state built directly in its shards (nothing is materialised on one device).
 
   rng: seeds the random parameter init (split off) and becomes the dropout base key.
   params: optional parameters to start from (e.g. a converted checkpoint); the optimizer state
     is then initialised for them and the random init is skipped.
+  frozen_dtype: as for abstract_train_state.
   """
-  abstract, shardings = abstract_train_state(model, optimizer, mesh, spec)
+  abstract, shardings = abstract_train_state(model, optimizer, mesh, spec, frozen_dtype)
   init_rng, dropout_rng = jax.random.split(rng)
   init_batch = _init_batch(spec)
 
@@ -216,6 +241,7 @@ def init_train_state(model: Molmo, optimizer: MolmoOptimizer, mesh: Mesh,
   def build(params):
     if params is None:
       params = fresh_params()
+    params = jax.tree.map(lambda p, a: p.astype(a.dtype), params, abstract.params)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=optimizer.tx.init(params), rng=dropout_rng)
 
@@ -252,21 +278,40 @@ def _deal_micro_batches(batch: Mapping[str, jax.Array], micro: int, mesh: Mesh) 
   return out
 
 
-def _stop_frozen(params: Any, labels: Any) -> Any:
-  # The frozen table's update is discarded anyway; cutting its gradient saves the V_emb x D
-  # scatter-add in the backward pass.
-  return jax.tree.map(lambda p, label: jax.lax.stop_gradient(p) if label == FROZEN else p,
-                      params, labels)
+class _TrainableSplit:
+  """Splits a parameter tree into trainable and frozen leaf lists (by optimizer label) and back.
+
+  Only the trainable leaves are differentiated: frozen ones (the pretrained token table; a LoRA
+  base) get no gradient buffer, no micro-batch accumulator and no update.
+  """
+
+  def __init__(self, labels: Any):
+    flat = jax.tree.leaves(labels)
+    self.treedef = jax.tree.structure(labels)
+    self.trainable = tuple(i for i, label in enumerate(flat) if label != FROZEN)
+    self.frozen = tuple(i for i, label in enumerate(flat) if label == FROZEN)
+
+  def split(self, tree: Any) -> tuple[list, list]:
+    leaves = self.treedef.flatten_up_to(tree)
+    return [leaves[i] for i in self.trainable], [leaves[i] for i in self.frozen]
+
+  def join(self, trainable: list, frozen: list) -> Any:
+    leaves: list = [None] * (len(self.trainable) + len(self.frozen))
+    for i, x in zip(self.trainable, trainable):
+      leaves[i] = x
+    for i, x in zip(self.frozen, frozen):
+      leaves[i] = x
+    return self.treedef.unflatten(leaves)
 
 
 def make_loss_fn(model: Molmo, labels: Any, step_cfg: StepConfig) -> Callable:
   """(params, micro_batch, rng, normaliser) -> (loss, (sums, aux)); gradients add over pieces."""
+  del labels
   llm = model.config.llm
   vocab = llm.embedding_size
 
   def loss_fn(params, batch, rng, normaliser):
-    logits, out = model.apply({"params": _stop_frozen(params, labels)}, model_inputs(batch),
-                              rngs={"dropout": rng})
+    logits, out = model.apply({"params": params}, model_inputs(batch), rngs={"dropout": rng})
     sums = loss_sums(logits, batch["target_ids"], batch["loss_weights"], step_cfg.z_loss_weight)
     if logits.shape[-1] != vocab:
       raise ValueError(f"model logits have {logits.shape[-1]} classes, expected {vocab}")
@@ -294,44 +339,58 @@ def make_train_step(model: Molmo, optimizer: MolmoOptimizer, mesh: Mesh, state_s
   micro = step_cfg.micro_batches
   vocab = model.config.llm.embedding_size
   loss_fn = make_loss_fn(model, optimizer.labels, step_cfg)
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-  param_sh = state_shardings.params
+  split = _TrainableSplit(optimizer.labels)
+
+  def split_loss(trainable, frozen, batch, rng, normaliser):
+    return loss_fn(split.join(trainable, frozen), batch, rng, normaliser)
+
+  grad_fn = jax.value_and_grad(split_loss, has_aux=True)
+  trainable_sh, _ = split.split(state_shardings.params)
 
   def accumulate(params, batch, step_rng, normaliser):
+    """-> (gradients of the trainable leaves (list, split order), sums, aux)."""
+    trainable, frozen = split.split(params)
     if micro == 1:
-      (_, (sums, aux)), grads = grad_fn(params, batch, jax.random.fold_in(step_rng, 0), normaliser)
+      (_, (sums, aux)), grads = grad_fn(trainable, frozen, batch, jax.random.fold_in(step_rng, 0),
+                                        normaliser)
       return grads, sums, aux
     dealt = _deal_micro_batches(batch, micro, mesh)
 
     def body(carry, xs):
       grads_acc, sums_acc, aux_acc = carry
       piece, index = xs
-      (_, (sums, aux)), grads = grad_fn(params, piece, jax.random.fold_in(step_rng, index), normaliser)
+      (_, (sums, aux)), grads = grad_fn(trainable, frozen, piece,
+                                        jax.random.fold_in(step_rng, index), normaliser)
       grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
-      grads_acc = jax.lax.with_sharding_constraint(grads_acc, param_sh)
+      grads_acc = jax.lax.with_sharding_constraint(grads_acc, trainable_sh)
       sums_acc = jax.tree.map(jnp.add, sums_acc, sums)
       aux_acc = jax.tree.map(lambda a, x: a + x / micro, aux_acc, aux)
       return (grads_acc, sums_acc, aux_acc), None
 
     zeros = jax.lax.with_sharding_constraint(
-        jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params), param_sh)
+        [jnp.zeros(p.shape, jnp.float32) for p in trainable], trainable_sh)
     init = (zeros, {k: jnp.zeros((), jnp.float32) for k in SUM_KEYS},
             {"moe_load_balance": jnp.zeros((), jnp.float32), "moe_router_z": jnp.zeros((), jnp.float32)})
     (grads, sums, aux), _ = jax.lax.scan(body, init, (dealt, jnp.arange(micro)))
-    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+    grads = [g.astype(p.dtype) for g, p in zip(grads, trainable)]
     return grads, sums, aux
 
   def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
     normaliser = loss_weight_sum(batch["target_ids"], batch["loss_weights"], vocab)
     step_rng = jax.random.fold_in(state.rng, state.step)
-    grads, sums, aux = accumulate(state.params, batch, step_rng, normaliser)
+    trainable_grads, sums, aux = accumulate(state.params, batch, step_rng, normaliser)
+    # Frozen leaves get zero gradients only for the optimizer's tree structure: their updates are
+    # never applied (below), so XLA drops them.
+    _, frozen = split.split(state.params)
+    grads = split.join(trainable_grads, [jnp.zeros(p.shape, p.dtype) for p in frozen])
     updates, opt_state = optimizer.tx.update(grads, state.opt_state, state.params)
-    params = jax.tree.map(lambda p, u: (p + u).astype(p.dtype), state.params, updates)
+    params = jax.tree.map(lambda p, u, label: p if label == FROZEN else (p + u).astype(p.dtype),
+                          state.params, updates, optimizer.labels)
     _, metrics = loss_from_sums(sums, normaliser)
     metrics.update(aux)
     # Finite loss and gradients can still give a non-finite update (an overflowing LR); the loop
     # checks this too before it saves the new parameters.
-    metrics["update_norm"] = optax.tree.norm(updates)
+    metrics["update_norm"] = optax.tree.norm(split.split(updates)[0])
     for name, value in component_grad_norms(opt_state).items():
       metrics[f"grad_norm/{name}"] = value
     for name, value in optimizer.current_learning_rates(state.step).items():

@@ -1,0 +1,168 @@
+"""LoRA: zero-init adapters keep the base's logits, training moves only the adapters (and the fully
+trained parts), merged weights equal base + adapters, adapter files round-trip and merge into a
+model directory, the optimizer holds state only for trainable leaves."""
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from molmo_jax import config as C
+from molmo_jax import errors
+from molmo_jax import lora
+from molmo_jax import sharding
+from molmo_jax.models.molmo import Molmo
+from molmo_jax.training import train_step as ts
+from molmo_jax.model_dir import load_model_checkpoint, save_model_checkpoint
+from molmo_jax.training.optimizer import ComponentSchedule, OptimizerConfig, build_optimizer
+from test_train_step import make_batch
+
+LORA = lora.LoraConfig(rank=4, alpha=8.0, dropout=0.1, targets=("llm", "connector"),
+                       train=("connector",))
+
+
+def flat(tree):
+  return flax.traverse_util.flatten_dict(tree, sep="/")
+
+
+@pytest.fixture(scope="module")
+def setup():
+  cfg = C.tiny("qwen2")
+  model = lora.LoraModel(Molmo(cfg), LORA)
+  batch = make_batch(cfg, seed=0)
+  spec = ts.spec_of(batch)
+  sched = ComponentSchedule(3e-2, 1)
+  optimizer = build_optimizer(
+      OptimizerConfig(total_steps=50, connector=sched, vit=sched, llm=sched,
+                      trainable_patterns=LORA.trainable_patterns()),
+      ts.abstract_params(model, spec))
+  mesh = sharding.make_mesh(data=2, fsdp=2, devices=jax.devices()[:4])
+  state = ts.init_train_state(model, optimizer, mesh, spec, jax.random.PRNGKey(0))
+  state0 = jax.device_get(state)
+  _, shardings = ts.abstract_train_state(model, optimizer, mesh, spec)
+  step = ts.make_train_step(model, optimizer, mesh, shardings, spec,
+                            ts.StepConfig(micro_batches=2), donate=False)
+  losses = []
+  for i in range(4):
+    state, metrics = step(state, ts.make_global_batch(make_batch(cfg, seed=i), mesh))
+    losses.append(float(metrics["loss"]))
+  return dict(cfg=cfg, model=model, batch=batch, optimizer=optimizer, state0=state0,
+              state=jax.device_get(state), losses=losses)
+
+
+def forward(module, params, batch):
+  inputs = {k: jnp.asarray(batch[k]) for k in ("input_ids", "images", "image_masks",
+                                                "image_input_idx")}
+  return np.asarray(jax.jit(lambda p, b: module.apply({"params": p}, b)[0])(params, inputs))
+
+
+def test_adapters_sit_in_the_targeted_layers_with_logical_axes(setup):
+  boxed = setup["model"].init(jax.random.PRNGKey(0), ts._init_batch(ts.spec_of(setup["batch"])))
+  names = {k: v.names for k, v in flat(boxed["params"]).items() if k.endswith(("lora_a", "lora_b"))}
+  assert names["llm/blocks/attention/query/lora_a"] == ("layers", "embed", "lora_rank")
+  assert names["llm/blocks/attention/query/lora_b"] == ("layers", "lora_rank", "heads", "head_dim")
+  assert names["llm/blocks/mlp/down/lora_a"] == ("layers", "mlp", "lora_rank")
+  assert "connector/projector/up/lora_a" in names
+  assert not any(k.startswith("vision/") for k in names)        # the ViT is not a target here
+  assert len(names) == 2 * (7 + 4 + 3)                          # q k v o gate up down; pool; proj
+
+
+def test_zero_init_b_gives_exactly_the_base_logits(setup):
+  params = setup["state0"].params
+  assert all(np.all(v == 0) for k, v in flat(params).items() if k.endswith("lora_b"))
+  base = lora.base_params(params)
+  base = jax.tree.map(lambda x: np.asarray(x, np.float32), base)
+  with_adapters = forward(setup["model"], params, setup["batch"])
+  plain = forward(Molmo(setup["cfg"]), base, setup["batch"])
+  np.testing.assert_array_equal(with_adapters, plain)
+
+
+def test_training_moves_adapters_only_and_learns(setup):
+  before, after = flat(setup["state0"].params), flat(setup["state"].params)
+  labels = flat(setup["optimizer"].labels)
+  moved = {k for k in before if not np.array_equal(before[k], after[k])}
+  for key in before:
+    if labels[key] == "frozen":
+      assert np.array_equal(before[key], after[key]), key         # bit-identical
+  assert {k for k in moved if k.endswith("lora_b")} == {k for k in before if k.endswith("lora_b")}
+  assert any(k.startswith("connector/") and k.endswith("kernel") for k in moved)   # fully trained
+  assert not any(k.startswith("llm/blocks/") and k.endswith("kernel") for k in moved)
+  losses = setup["losses"]
+  assert losses[-1] < losses[0], losses
+
+
+def test_optimizer_state_only_for_trainable_leaves(setup):
+  trainable = {k for k, label in flat(setup["optimizer"].labels).items() if label != "frozen"}
+  state_size = sum(np.size(x) for x in jax.tree.leaves(setup["state"].opt_state))
+  trainable_size = sum(np.size(v) for k, v in flat(setup["state"].params).items() if k in trainable)
+  scalars = 16                          # counts and per-component norms, a handful of scalars
+  assert 2 * trainable_size <= state_size <= 2 * trainable_size + scalars   # Adam mu and nu
+  assert "llm/blocks/mlp/up/kernel" not in trainable
+  assert "llm/blocks/mlp/up/lora_a" in trainable and "connector/projector/up/kernel" in trainable
+
+
+def test_frozen_base_can_be_held_in_bfloat16(setup):
+  spec = ts.spec_of(setup["batch"])
+  mesh = sharding.make_mesh(data=2, fsdp=2, devices=jax.devices()[:4])
+  abstract, _ = ts.abstract_train_state(setup["model"], setup["optimizer"], mesh, spec, "bfloat16")
+  dtypes = {k: v.dtype for k, v in flat(abstract.params).items()}
+  assert dtypes["llm/blocks/mlp/up/kernel"] == jnp.bfloat16
+  assert dtypes["llm/blocks/mlp/up/lora_a"] == jnp.float32
+  assert dtypes["connector/projector/up/kernel"] == jnp.float32
+
+
+def test_merged_weights_give_the_logits_of_base_plus_adapters(setup):
+  params = setup["state"].params
+  with_adapters = forward(setup["model"], params, setup["batch"])
+  merged = lora.merge_adapters(lora.base_params(params), lora.adapter_params(params, LORA), LORA)
+  assert not any(k.endswith(("lora_a", "lora_b")) for k in flat(merged))
+  plain = forward(Molmo(setup["cfg"]), merged, setup["batch"])
+  base_only = forward(Molmo(setup["cfg"]), lora.base_params(params), setup["batch"])
+  assert np.max(np.abs(with_adapters - base_only)) > 1e-3        # the adapters do something
+  np.testing.assert_allclose(plain, with_adapters, rtol=0, atol=1e-5)
+
+
+def test_adapter_files_round_trip_and_merge_into_a_model_directory(setup, tmp_path):
+  params = setup["state"].params
+  cfg = setup["cfg"]
+  base_dir = save_model_checkpoint(tmp_path / "base", lora.base_params(params), cfg)
+  adapter_dir = lora.save_adapters(tmp_path / "adapters", params, LORA)
+  tree, loaded_cfg = lora.load_adapters(adapter_dir)
+  assert loaded_cfg == LORA
+  expected = lora.adapter_params(params, LORA)
+  assert jax.tree.all(jax.tree.map(np.array_equal, jax.device_get(tree), expected))
+  sizes = lambda t: sum(np.size(x) for x in jax.tree.leaves(t))
+  assert sizes(tree) < sizes(params)
+  with pytest.raises(FileExistsError):
+    lora.save_adapters(adapter_dir, params, LORA)
+
+  run = lambda *argv: errors.run_main(lora.main, ["merge", *argv])
+  assert run("--base", str(base_dir), "--adapters", str(adapter_dir),
+             "--out", str(tmp_path / "merged")) == 0
+  merged = load_model_checkpoint(tmp_path / "merged")
+  assert merged.config == cfg
+  reference = lora.merge_adapters(lora.base_params(params), expected, LORA)
+  assert jax.tree.all(jax.tree.map(lambda a, b: np.allclose(a, b, atol=1e-6, rtol=0),
+                                   jax.device_get(merged.params), reference))
+  assert run("--base", str(tmp_path / "nope"), "--adapters", str(adapter_dir),
+             "--out", str(tmp_path / "x")) == 2
+  assert not (tmp_path / "x").exists()
+  assert run("--base", str(base_dir), "--adapters", str(base_dir),           # not adapters
+             "--out", str(tmp_path / "y")) == 2
+  assert run("--base", str(base_dir), "--adapters", str(adapter_dir),        # exists already
+             "--out", str(tmp_path / "merged")) == 2
+
+
+def test_config_validation():
+  with pytest.raises(ValueError, match="lora.rank"):
+    lora.LoraConfig(rank=-1)
+  with pytest.raises(ValueError, match="lora.base_dtype"):
+    lora.LoraConfig(rank=2, base_dtype="int4")
+  with pytest.raises(ValueError, match="unknown field"):
+    lora.LoraConfig.from_mapping({"rank": 2, "ranks": 3})
+  cfg = lora.LoraConfig.from_mapping({"rank": 2, "targets": "llm_attention,connector"})
+  assert cfg.targets == ("llm_attention", "connector")
+  assert cfg.targets_module("llm/blocks/attention/out")
+  assert not cfg.targets_module("llm/blocks/mlp/up")
+  assert lora.with_lora(Molmo(C.tiny("qwen2")), lora.LoraConfig()).__class__ is Molmo
