@@ -81,7 +81,8 @@ def test_overwrite_replaces_only_a_checkpoint_and_force_anything(release, tmp_pa
   code, err = run_in_process(orbax_to_hf.main, [str(other), str(other.parent / "x"), "--overwrite"],
                              capfd)
   assert code == 0
-  code, err = run_in_process(orbax_to_hf.main, [str(tmp_path / "x"), str(other), "--overwrite"],
+  shutil.copytree(other, tmp_path / "model2")          # a model directory to export from
+  code, err = run_in_process(orbax_to_hf.main, [str(tmp_path / "model2"), str(other), "--overwrite"],
                              capfd)
   assert_one_line_error(code, err, 2, str(other), "not a release (HF) directory")
   assert tree_hash(release, other) == before
