@@ -52,6 +52,7 @@ from molmo_jax import errors
 from molmo_jax.config import MolmoConfig
 from molmo_jax.errors import UserError
 from molmo_jax.output_dirs import check_output_target, is_model_directory, staged_directory
+from molmo_jax.progress import progress
 
 DEFAULT_BLOCK_BYTES = 64 * 2**20     # row blocks of large tables; also the in-flight write budget
 FLOAT_CODES = ("F32", "BF16", "F16")
@@ -267,6 +268,16 @@ def side_files(hf_dir: Path) -> list[Path]:
 # Driver
 # ------------------------------------------------------------------------------------------
 
+def _counted_blocks(blocks: Callable[[], Iterator], bar):
+  """`blocks` that advance the byte progress `bar` as each block is produced (at most a few
+  blocks ahead of the writes, see _StreamedArrayHandler)."""
+  def counted():
+    for index, block in blocks():
+      bar.update(block.nbytes)
+      yield index, block
+  return counted
+
+
 def _checked_blocks(blocks: Callable[[], Iterator], check: Callable[[], None]):
   def checked():
     for item in blocks():
@@ -299,15 +310,19 @@ def convert_hf_to_orbax(hf_dir: str | Path, out_dir: str | Path, *, dtype: str =
   check_rules_match(rules, shapes)
   out_dtype = resolve_dtype(dtype, reader)
   cfg = cfg.replace(param_dtype=out_dtype.name)
+  leaves = [(rule.ours, streamed_leaf(reader, rule, shapes[rule.ours], out_dtype, block_bytes))
+            for rule in rules]
+  bar = progress(sum(leaf.nbytes for _, leaf in leaves), f"writing {out_dir.name}", unit="B")
   tree: dict = {}
-  for rule in rules:
-    leaf = streamed_leaf(reader, rule, shapes[rule.ours], out_dtype, block_bytes)
+  for path, leaf in leaves:
+    blocks = _counted_blocks(leaf.blocks, bar)
     if check_interrupt is not None:
-      leaf = dataclasses.replace(leaf, blocks=_checked_blocks(leaf.blocks, check_interrupt))
-    _set_leaf(tree, rule.ours, leaf)
+      blocks = _checked_blocks(blocks, check_interrupt)
+    _set_leaf(tree, path, dataclasses.replace(leaf, blocks=blocks))
 
   with staged_directory(out_dir) as staging:
     save_streamed_pytree(staging / "params", tree, inflight_bytes=block_bytes)
+    bar.close()
     (staging / "config.json").write_text(MolmoConfig.from_json(cfg.to_json()).to_json())
     extras = side_files(hf_dir)
     if extras:

@@ -37,6 +37,7 @@ from convert.safetensors_io import DEFAULT_MAX_SHARD_BYTES, TensorSpec, write_sh
 from molmo_jax import errors
 from molmo_jax.model_dir import locate_model
 from molmo_jax.output_dirs import check_output_target, is_release_directory, staged_directory
+from molmo_jax.progress import progress
 
 # Files of tokenizer/ that export regenerates from our config instead of copying.
 _GENERATED = ("config.json", "preprocessor_config.json")
@@ -199,16 +200,20 @@ def convert_orbax_to_hf(model_dir: str | Path, out_dir: str | Path, *, dtype: st
 
   reader = _LeafReader(params, block_bytes)
 
+  bar = progress(sum(spec.nbytes for spec in specs), f"writing {out_dir.name}", unit="B")
+
   def pieces(spec: TensorSpec):
     template, layer = source[spec.name]
     for piece in _pieces(reader, template, groups[template], layer, out_dtype):
       if check_interrupt is not None:
         check_interrupt()
+      bar.update(piece.nbytes)
       yield piece
 
   tokenizer = location.tokenizer_dir
   with staged_directory(out_dir) as staging:
     write_sharded(staging, specs, pieces, max_shard_bytes)
+    bar.close()
     (staging / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     existing = None
     if tokenizer is not None and (tokenizer / "preprocessor_config.json").is_file():

@@ -198,7 +198,11 @@ class Predictor:
     """Splits a long list into batches; yields predictions in order."""
     starts = range(0, len(prompts), batch_size)
     if progress:
-      from tqdm import tqdm
-      starts = tqdm(starts, total=len(starts), unit="batch")
+      from molmo_jax.progress import progress as progress_bar
+      bar = progress_bar(len(starts), "predict", unit="batch")
     for s in starts:
       yield from self.predict(images[s:s + batch_size], prompts[s:s + batch_size], **kwargs)
+      if progress:
+        bar.update(1)
+    if progress:
+      bar.close()

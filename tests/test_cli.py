@@ -31,6 +31,7 @@ TOOLS = {
     "convert.orbax_to_hf": ("python -m convert.orbax_to_hf", "molmo-orbax-to-hf"),
     "convert.inspect": ("python -m convert.inspect", "molmo-inspect"),
     "convert.build_initial": ("python -m convert.build_initial", "molmo-build-initial"),
+    "molmo_jax.serve.__main__": ("python -m molmo_jax.serve", "molmo-serve"),
 }
 ABSL_TOOLS = ("train", "aot")
 

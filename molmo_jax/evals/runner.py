@@ -168,8 +168,8 @@ def _load_pixels(example, predictor: Any) -> Any:
 def _progress(total: int | None, enabled: bool, name: str):
   if not enabled:
     return None
-  from tqdm import tqdm
-  return tqdm(total=total, unit="ex", desc=name, dynamic_ncols=True)
+  from molmo_jax.progress import progress
+  return progress(total, name, unit="ex")
 
 
 # --------------------------------------------------------------------------------------------

@@ -134,5 +134,10 @@ def _check_can_listen(host: str, port: int) -> None:
                            "choose another --port or stop what is using it") from None
 
 
-if __name__ == "__main__":
+def run() -> None:
+  """Console entry point (`molmo-serve`)."""
   sys.exit(errors.run_main(main))
+
+
+if __name__ == "__main__":
+  run()
