@@ -135,9 +135,29 @@ def logical_to_sharding(logical_tree: Any, mesh: Mesh, rules=LOGICAL_AXIS_RULES)
 
 
 def param_shardings(abstract_variables: Any, mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> Any:
-  """NamedShardings for the (boxed) variables returned by `jax.eval_shape(model.init, ...)`."""
+  """NamedShardings for the (boxed) variables returned by `jax.eval_shape(model.init, ...)`.
+
+  A mesh axis that does not divide its dimension (2 KV heads over tensor=4, say) is dropped for
+  that dimension, which is then replicated over it: jit refuses uneven argument shardings.
+  """
   specs = nn.get_partition_spec(abstract_variables)
-  return logical_to_sharding(specs, mesh, rules)
+  shardings = logical_to_sharding(specs, mesh, rules)
+  return jax.tree.map(lambda leaf, sharding: _divisible(sharding, leaf.shape, mesh),
+                      nn.unbox(abstract_variables), shardings)
+
+
+def _divisible(sharding: NamedSharding, shape: Sequence[int], mesh: Mesh) -> NamedSharding:
+  entries, changed = [], False
+  for i, entry in enumerate(sharding.spec):
+    axes = entry if isinstance(entry, tuple) else (() if entry is None else (entry,))
+    kept, ways = [], 1
+    for axis in axes:
+      if i < len(shape) and shape[i] % (ways * mesh.shape[axis]) == 0:
+        kept.append(axis)
+        ways *= mesh.shape[axis]
+    changed |= len(kept) != len(axes)
+    entries.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+  return NamedSharding(mesh, PartitionSpec(*entries)) if changed else sharding
 
 
 def data_sharding(mesh: Mesh, ndim: int, rules=LOGICAL_AXIS_RULES) -> NamedSharding:

@@ -112,3 +112,17 @@ def test_sharded_logits_equal_single_device(family, moe_impl, mesh_shape):
     l, e, d, f = gate.shape
     assert gate.sharding.spec == PartitionSpec(None, "expert", "fsdp", "tensor")
     assert shard_shape(gate) == (l, e // expert, d // fsdp, f // tensor)
+
+
+def test_param_shardings_replicate_a_dimension_its_mesh_axes_do_not_divide():
+  """jit refuses uneven argument shardings: 2 KV heads over tensor=4 stay whole, 8 heads split,
+  and an ("fsdp", "expert") dimension keeps the axes that divide it."""
+  mesh = sharding.make_mesh(devices=jax.devices()[:8], data=1, fsdp=2, tensor=4)
+  leaf = lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+  boxed = {"k": nn.Partitioned(leaf((2, 16)), names=("kv_heads", "head_dim")),
+           "q": nn.Partitioned(leaf((8, 16)), names=("heads", "head_dim")),
+           "odd_embed": nn.Partitioned(leaf((3, 8)), names=("embed", "mlp"))}
+  shardings = sharding.param_shardings(boxed, mesh)
+  shards = {k: s.shard_shape(boxed[k].value.shape) for k, s in shardings.items()}
+  assert shards == {"k": (2, 16), "q": (2, 16), "odd_embed": (3, 2)}
+  assert "fsdp" not in str(shardings["odd_embed"].spec)
