@@ -43,7 +43,10 @@ def test_unreadable_images_are_named_before_the_model_loads(name, why, images, c
   assert tree_hash(images) == before
 
 
-def test_decompression_bomb_is_refused_with_the_flag_that_raises_the_limit(images, capfd):
+def test_decompression_bomb_is_refused_with_the_flag_that_raises_the_limit(images, capfd,
+                                                                          monkeypatch):
+  # --max-image-pixels sets Pillow's process-wide cap: restore it for the tests that follow.
+  monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)
   code, err = run_in_process(predict.main, ["--checkpoint", str(images / "no_model"),
                                             "--image", str(images / "big.png"), "--prompt", "hi",
                                             "--max-image-pixels", "1000"], capfd)
