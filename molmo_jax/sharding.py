@@ -142,8 +142,11 @@ def param_shardings(abstract_variables: Any, mesh: Mesh, rules=LOGICAL_AXIS_RULE
   """
   specs = nn.get_partition_spec(abstract_variables)
   shardings = logical_to_sharding(specs, mesh, rules)
-  return jax.tree.map(lambda leaf, sharding: _divisible(sharding, leaf.shape, mesh),
-                      nn.unbox(abstract_variables), shardings)
+  boxed = lambda x: isinstance(x, nn.meta.AxisMetadata)
+  # Shapes read off the boxes (`unbox` would apply sharding constraints under an active mesh).
+  shape_of = lambda x: jax.ShapeDtypeStruct(np.shape(x.value if boxed(x) else x), np.float32)
+  shapes = jax.tree.map(shape_of, abstract_variables, is_leaf=boxed)
+  return jax.tree.map(lambda leaf, sharding: _divisible(sharding, leaf.shape, mesh), shapes, shardings)
 
 
 def _divisible(sharding: NamedSharding, shape: Sequence[int], mesh: Mesh) -> NamedSharding:
