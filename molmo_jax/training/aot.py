@@ -17,7 +17,7 @@ import math
 import os
 import re
 import time
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -149,19 +149,9 @@ def compile_train_step(config: Any, topology: str, mesh_shape: Mapping[str, int]
   report.fsdp_min_collective_bytes = fsdp_minimum_collectives(
       _gathered_elements(abstract.params, exp.state_shardings.params, exp.mesh), compute_bytes,
       step_cfg.micro_batches, model_cfg.remat_policy != "none")
-  start = time.time()
-  try:
-    with sharding_lib.activate(exp.mesh):
-      lowered = exp.train_step.jitted.lower(abstract, batch)
-      compiled = lowered.compile()
-  except Exception as e:  # XLA reports OOM as RESOURCE_EXHAUSTED at compile time
-    report.compile_seconds = time.time() - start
-    message = str(e)
-    if "RESOURCE_EXHAUSTED" in message or "exceeds" in message.lower():
-      report.error = _first_lines(message)
-      return report
-    raise
-  report.compile_seconds = time.time() - start
+  compiled = _compile_or_report(report, exp.mesh, lambda: exp.train_step.jitted.lower(abstract, batch))
+  if compiled is None:
+    return report
   hlo = compiled.as_text()
   if keep_hlo:
     report.hlo_text = hlo
@@ -465,6 +455,24 @@ def _quantized_shardings(abstract: Any, float_shardings: Any, mesh, float_abstra
   return flax.traverse_util.unflatten_dict(out)
 
 
+def _compile_or_report(report: "CompileReport", mesh, lower: Callable[[], Any]):
+  """Lowers and compiles under `mesh`, timing it into `report`; an over-HBM program (XLA reports
+  it as RESOURCE_EXHAUSTED at compile time) returns None with `report.error` set."""
+  start = time.time()
+  try:
+    with sharding_lib.activate(mesh):
+      compiled = lower().compile()
+  except Exception as e:
+    report.compile_seconds = time.time() - start
+    message = str(e)
+    if "RESOURCE_EXHAUSTED" in message or "exceeds" in message.lower():
+      report.error = _first_lines(message)
+      return None
+    raise
+  report.compile_seconds = time.time() - start
+  return compiled
+
+
 def compile_generation_step(model_cfg: Any, topology: str, batch_size: int, prompt_length: int,
                             quantize: str = "int8", dtype: str = "bfloat16",
                             mesh_shape: Mapping[str, int] | None = None, crops: int | None = None,
@@ -511,18 +519,9 @@ def compile_generation_step(model_cfg: Any, topology: str, batch_size: int, prom
       hbm_per_chip_bytes=HBM_BYTES[generation],
       param_count=int(sum(np.prod(p.shape) for p in jax.tree.leaves(nn.unbox(boxed)))),
       param_sharding=sharding_lib.describe(float_sh))
-  start = time.time()
-  try:
-    with sharding_lib.activate(mesh):
-      compiled = fn.lower(params, batch, rng).compile()
-  except Exception as e:
-    report.compile_seconds = time.time() - start
-    message = str(e)
-    if "RESOURCE_EXHAUSTED" in message or "exceeds" in message.lower():
-      report.error = _first_lines(message)
-      return report
-    raise
-  report.compile_seconds = time.time() - start
+  compiled = _compile_or_report(report, mesh, lambda: fn.lower(params, batch, rng))
+  if compiled is None:
+    return report
   for key, value in _memory(compiled).items():
     setattr(report, key, value)
   report.fits = report.total_bytes <= report.hbm_per_chip_bytes
