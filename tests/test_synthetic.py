@@ -265,3 +265,28 @@ def test_saved_tokenizer_loads_in_transformers(tokenizer, tmp_path):
   text = ' User: How many red circles are there? Assistant: There are none.<|endoftext|>'
   assert loaded(text)["input_ids"] == tokenizer.encode(text).ids
   assert loaded.eos_token_id == tokenizer.token_to_id("<|endoftext|>")
+
+
+def test_backgrounds_option_restricts_the_styles_and_keeps_default_scenes():
+  plain = synthetic.SyntheticConfig(backgrounds=("plain",))
+  assert {synthetic.generate_scene(i, 7, plain).background for i in range(40)} == {"plain"}
+  # The default draws from every style, and the option does not change default scenes' bytes.
+  default = [synthetic.generate_scene(i, 7, CONFIG) for i in range(40)]
+  assert {s.background for s in default} == set(synthetic.BACKGROUNDS)
+  with pytest.raises(ValueError, match="backgrounds"):
+    synthetic.SyntheticConfig(backgrounds=("stripes",))
+  with pytest.raises(ValueError, match="questions_per_scene"):
+    synthetic.SyntheticConfig(questions_per_scene=0)
+
+
+def test_questions_per_scene_packs_several_conversations_about_one_image():
+  config = synthetic.SyntheticConfig(questions_per_scene=3)
+  records = synthetic.SyntheticRecords(synthetic.SyntheticSource(20, seed=2, config=config))
+  single = synthetic.SyntheticRecords(synthetic.SyntheticSource(20, seed=2))
+  for i in range(20):
+    record = records[i]
+    assert len(record["conversations"]) == 3
+    # The first conversation is the item's own one; the scene (image) is the same.
+    assert record["conversations"][0] == single[i]["conversations"][0]
+    np.testing.assert_array_equal(record["image"], single[i]["image"])
+  assert len({tuple(c) for r in (records[i] for i in range(20)) for c in r["conversations"][1:]}) > 20

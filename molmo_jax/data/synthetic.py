@@ -70,6 +70,8 @@ class SyntheticConfig:
   max_placement_tries: int = 30
   absent_query_probability: float = 0.15        # ask about a kind that is not in the scene
   task_weights: tuple[float, float, float] = (0.4, 0.4, 0.2)   # count, points, caption
+  backgrounds: tuple[str, ...] = BACKGROUNDS     # background styles drawn from (plain/gradient/noise)
+  questions_per_scene: int = 1                   # training records: conversations about one image
 
   def __post_init__(self):
     if not 16 <= self.min_side <= self.max_side:
@@ -92,6 +94,12 @@ class SyntheticConfig:
                        f"{self.min_size_fraction}, {self.max_size_fraction}")
     if not 4 <= self.min_object_size <= self.min_side // 2:
       raise ValueError(f"SyntheticConfig.min_object_size: expected 4..min_side/2, got {self.min_object_size}")
+    unknown = [b for b in self.backgrounds if b not in BACKGROUNDS]
+    if unknown or not self.backgrounds:
+      raise ValueError(f"SyntheticConfig.backgrounds: expected a non-empty subset of {BACKGROUNDS}, "
+                       f"got {self.backgrounds}")
+    if self.questions_per_scene < 1:
+      raise ValueError(f"SyntheticConfig.questions_per_scene: expected >= 1, got {self.questions_per_scene}")
     if len(self.task_weights) != len(TASKS) or min(self.task_weights) < 0 or sum(self.task_weights) <= 0:
       raise ValueError(f"SyntheticConfig.task_weights: expected 3 non-negative weights (count, points, "
                        f"caption) with a positive sum, got {self.task_weights}")
@@ -182,9 +190,10 @@ def shape_centre(shape: str, x0: int, y0: int, size: int) -> tuple[float, float]
   return (x0 + size / 2, y0 + size / 2)
 
 
-def render_background(rng: np.random.Generator, height: int, width: int) -> tuple[np.ndarray, str]:
+def render_background(rng: np.random.Generator, height: int, width: int,
+                      kinds: tuple[str, ...] = BACKGROUNDS) -> tuple[np.ndarray, str]:
   """[H, W, 3] float32 near-neutral background, dark or light so saturated objects stand out."""
-  kind = BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
+  kind = kinds[rng.integers(len(kinds))]
   level = rng.uniform(20, 80) if rng.random() < 0.35 else rng.uniform(185, 245)
   base = level + rng.uniform(-12, 12, size=3)
   image = np.broadcast_to(base, (height, width, 3)).astype(np.float32)
@@ -232,7 +241,7 @@ def generate_scene(index: int, seed: int, config: SyntheticConfig = SyntheticCon
   rng = np.random.default_rng([seed, index])
   width = int(rng.integers(config.min_side, config.max_side + 1))
   height = int(rng.integers(config.min_side, config.max_side + 1))
-  canvas, background = render_background(rng, height, width)
+  canvas, background = render_background(rng, height, width, config.backgrounds)
   num_objects = int(rng.integers(0, config.max_objects + 1))
   kinds = _choose_kinds(rng, num_objects, config) if num_objects else []
 
@@ -414,6 +423,19 @@ class SyntheticSource:
     rng = np.random.default_rng([self.stream_seed, index, 1])
     return build_example(scene, self.task, rng, self.config)
 
+  def conversations(self, index) -> tuple[dict, list[list[dict[str, str]]]]:
+    """Item `index` and `config.questions_per_scene` conversations about its scene: the item's
+    own first, then further questions drawn from their own streams ([seed, index, 1 + k])."""
+    item = self[index]
+    index = int(index) % max(1, self.num_examples)
+    conversations = [item["messages"]]
+    if self.config.questions_per_scene > 1:
+      scene = generate_scene(index, self.stream_seed, self.config)
+      for k in range(1, self.config.questions_per_scene):
+        rng = np.random.default_rng([self.stream_seed, index, 1 + k])
+        conversations.append(build_example(scene, self.task, rng, self.config)["messages"])
+    return item, conversations
+
   def __repr__(self) -> str:
     # grain keys checkpoints of the iterator state by the source's repr.
     return (f"SyntheticSource(num_examples={self.num_examples}, seed={self.seed}, task={self.task!r}, "
@@ -443,8 +465,10 @@ class SyntheticRecords:
     return len(self.source)
 
   def __getitem__(self, index) -> dict:
-    item = dict(self.source[index])
-    item["conversations"] = [normalise_turns(item.pop("messages"), f"synthetic[{index}]")]
+    item, conversations = self.source.conversations(index)
+    item = dict(item)
+    del item["messages"]
+    item["conversations"] = [normalise_turns(c, f"synthetic[{index}]") for c in conversations]
     return item
 
   def __repr__(self) -> str:
