@@ -200,6 +200,7 @@ def main(argv=None) -> int:
     command = [sys.executable, "-m", "molmo_jax.serve", "--checkpoint", str(checkpoint), "--host",
                "127.0.0.1", "--port", str(args.port), "--max-batch", str(max(levels)),
                "--queue-size", str(4 * max(levels)), "--warmup-max-tokens", str(args.max_tokens),
+               "--warmup-kinds", "text" if args.text_only else "image",
                "--log-level", "warning"]
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     server = subprocess.Popen(command, env=env)

@@ -248,6 +248,7 @@ def test_checkpoint_may_be_a_training_workdir(checkpoint, predictor, tmp_path, m
   expected = predictor.predict([None], ["What is this?"], sampling=SamplingConfig(max_new_tokens=4))[0]
   assert reply["choices"][0]["token_ids"] == expected.tokens
   assert models["data"][0]["id"] == "run"
+  capsys.readouterr()
   assert errors.run_main(main, ["--checkpoint", str(workdir), "--step", "3"]) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and "no checkpoint of step 3" in err[0] and "[2, 5]" in err[0], err

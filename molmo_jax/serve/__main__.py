@@ -50,6 +50,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--warmup-max-tokens", default=None,
                  help='compile these max_tokens buckets for every batch size before listening, '
                       'e.g. "32,192" (default: --default-max-tokens); "0" skips the warm-up')
+  p.add_argument("--warmup-kinds", default="text,image",
+                 help='which requests the warm-up compiles for: "text" (no image), "image" (a small '
+                      'image) or both')
   p.add_argument("--batch-wait-ms", type=float, default=10.0,
                  help="how long a request waits for others to batch with when the server is idle")
   p.add_argument("--queue-size", type=int, default=128,
@@ -93,6 +96,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     if min(args.warmup_max_tokens, default=0) < 0:
       p.error("--warmup-max-tokens: expected integers >= 0")
     args.warmup_max_tokens = [v for v in args.warmup_max_tokens if v > 0]
+  args.warmup_kinds = tuple(k.strip() for k in args.warmup_kinds.split(",") if k.strip())
+  if not args.warmup_kinds or set(args.warmup_kinds) - {"text", "image"}:
+    p.error("--warmup-kinds: expected text, image or text,image")
   if args.batch_wait_ms < 0:
     p.error(f"--batch-wait-ms must be >= 0, got {args.batch_wait_ms}")
   from molmo_jax.model_dir import locate_model
@@ -135,7 +141,7 @@ def main(argv=None) -> int:
   if args.warmup_max_tokens:
     print(f"compiling batch sizes {engine.batch_sizes} for max_tokens {args.warmup_max_tokens} ...",
           file=sys.stderr, flush=True)
-    engine.warmup(args.warmup_max_tokens)
+    engine.warmup(args.warmup_max_tokens, backend.warmup_inputs(args.warmup_kinds))
   engine.start()
   settings = ServeSettings(
       model_name=args.model_name or Path(args.checkpoint).resolve().name,

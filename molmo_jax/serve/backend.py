@@ -138,14 +138,17 @@ class ModelBackend:
       self.compiled.add(key)
       _log.info("compiling %s for %s", key[0], key[1:])
 
-  def warmup_inputs(self) -> list[PreparedInput]:
-    """A text-only and a small-image request: warming up with them compiles the prompt buckets
-    of short text questions and of images that need few crops."""
+  def warmup_inputs(self, kinds: tuple[str, ...] = ("text", "image")) -> list[PreparedInput]:
+    """A text-only ("text") and a small-image ("image") request: warming up with them compiles
+    the prompt buckets of short text questions and of images that need few crops."""
     from molmo_jax.serve.messages import Conversation, ImageSource
+    unknown = set(kinds) - {"text", "image"}
+    if unknown:
+      raise ValueError(f"warm-up kinds must be text or image, got {sorted(unknown)}")
     image = io.BytesIO()
     Image.new("RGB", (64, 64), (128, 128, 128)).save(image, "PNG")
-    return [self.prepare(Conversation(["Describe this image."], None)),
-            self.prepare(Conversation(["Describe this image."], ImageSource(image.getvalue(), "warmup")))]
+    sources = {"text": None, "image": ImageSource(image.getvalue(), "warmup")}
+    return [self.prepare(Conversation(["Describe this image."], sources[k])) for k in kinds]
 
   def _prefill_fn(self, steps: int, rows: int):
     r = self.prefill_rows
