@@ -162,6 +162,12 @@ async def run_clients(base: str, requests, clients: int, max_tokens: int, total:
   return row
 
 
+def compiled_shapes(base: str) -> int:
+  """How many batch shapes the server has compiled so far (its /health counter)."""
+  import httpx
+  return int(httpx.get(base + "/health", timeout=30).json().get("compiled_shapes", 0))
+
+
 def wait_for_server(base: str, process: subprocess.Popen, timeout: float = 600) -> None:
   import httpx
   deadline = time.monotonic() + timeout
@@ -189,23 +195,26 @@ def main(argv=None) -> int:
     print(f"serial Predictor: {serial['requests_per_s']:.2f} requests/s", flush=True)
 
     base = f"http://127.0.0.1:{args.port}"
-    sizes = sorted({1, *levels})
+    # Batch sizes: the server's default powers of two up to the largest level, all compiled by
+    # its warm-up before it listens (no compilation while a level is measured: see "compiles").
     command = [sys.executable, "-m", "molmo_jax.serve", "--checkpoint", str(checkpoint), "--host",
                "127.0.0.1", "--port", str(args.port), "--max-batch", str(max(levels)),
-               "--batch-sizes", ",".join(map(str, sizes)), "--queue-size", str(4 * max(levels)),
+               "--queue-size", str(4 * max(levels)), "--warmup-max-tokens", str(args.max_tokens),
+               "--warmup-kinds", "text" if args.text_only else "image",
                "--log-level", "warning"]
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     server = subprocess.Popen(command, env=env)
     results = {}
     try:
       wait_for_server(base, server)
-      for clients in levels:   # warm-up: compile the batch shapes this level uses
-        asyncio.run(run_clients(base, requests, clients, args.max_tokens, 2 * clients, 600, server.pid))
+      for clients in levels:   # warm-up: connections, threads, and any shape warm-up missed
+        asyncio.run(run_clients(base, requests, clients, args.max_tokens, clients, 600, server.pid))
       for clients in levels:
-        load_before = os.getloadavg()[0]
+        load_before, compiled = os.getloadavg()[0], compiled_shapes(base)
         row = asyncio.run(run_clients(base, requests, clients, args.max_tokens, args.requests,
                                       args.duration, server.pid))
         row["load_average"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
+        row["compiles"] = compiled_shapes(base) - compiled
         row["vs_serial"] = round(row["requests_per_s"] / serial["requests_per_s"], 2)
         row["vs_serial_cpu"] = round(serial["cpu_ms_per_request"] / row["cpu_ms_per_request"], 2)
         results[clients] = row

@@ -17,7 +17,7 @@ pytest.importorskip("fastapi")
 from molmo_jax.generate import SamplingConfig  # noqa: E402
 from molmo_jax.predictor import Predictor  # noqa: E402
 from molmo_jax.serve.backend import ModelBackend  # noqa: E402
-from tests.serve_helpers import data_url, png_bytes, running_server, tiny_checkpoint  # noqa: E402
+from tests.serve_helpers import data_url, free_port, png_bytes, running_server, tiny_checkpoint  # noqa: E402
 
 MAX_BODY = 256 * 1024
 
@@ -213,10 +213,45 @@ def test_command_line_startup_errors_are_one_line_exit_2(tmp_path, capsys):
   from molmo_jax.serve.__main__ import main
   assert errors.run_main(main, ["--checkpoint", str(tmp_path / "missing")]) == 2
   err = capsys.readouterr().err.strip().splitlines()
-  assert len(err) == 1 and "not a model directory" in err[0], err
+  assert len(err) == 1 and "--checkpoint" in err[0] and "does not exist" in err[0], err
   (tmp_path / "config.json").write_text("{}")
   assert errors.run_main(main, ["--checkpoint", str(tmp_path), "--max-batch", "0"]) == 2
   assert "--max-batch must be >= 1" in capsys.readouterr().err
+
+
+def test_checkpoint_may_be_a_training_workdir(checkpoint, predictor, tmp_path, monkeypatch, capsys):
+  """--checkpoint WORKDIR serves its latest checkpoint (or --step N); the answer is the model's."""
+  import shutil
+
+  import uvicorn
+  from fastapi.testclient import TestClient
+
+  from molmo_jax import errors
+  from molmo_jax.serve.__main__ import main
+  workdir = tmp_path / "run"
+  for step in (2, 5):
+    shutil.copytree(checkpoint / "params", workdir / "checkpoints" / str(step) / "params")
+  shutil.copy(checkpoint / "config.json", workdir / "model_config.json")
+  shutil.copytree(checkpoint / "tokenizer", workdir / "tokenizer")
+  answers = []
+
+  def fake_run(app, **kwargs):   # one request through the app main built, instead of listening
+    with TestClient(app) as client:
+      answers.append(client.post("/v1/chat/completions", json={
+          "messages": [{"role": "user", "content": "What is this?"}], "max_tokens": 4}).json())
+      answers.append(client.get("/v1/models").json())
+
+  monkeypatch.setattr(uvicorn, "run", fake_run)
+  assert main(["--checkpoint", str(workdir), "--port", str(free_port()), "--log-level", "error",
+               "--max-batch", "1", "--default-max-tokens", "4"]) == 0
+  reply, models = answers
+  expected = predictor.predict([None], ["What is this?"], sampling=SamplingConfig(max_new_tokens=4))[0]
+  assert reply["choices"][0]["token_ids"] == expected.tokens
+  assert models["data"][0]["id"] == "run"
+  capsys.readouterr()
+  assert errors.run_main(main, ["--checkpoint", str(workdir), "--step", "3"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "no checkpoint of step 3" in err[0] and "[2, 5]" in err[0], err
 
 
 def test_batches_sharded_over_a_mesh_give_the_single_device_tokens(checkpoint, predictor):

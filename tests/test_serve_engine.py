@@ -150,3 +150,22 @@ def test_local_images_only_inside_the_allowed_folder(tokenizer_dir, tmp_path):
     outside = ask(str(tmp_path / "secret.png"))
     assert outside.status_code == 400 and "outside" in outside.json()["error"]["message"]
     assert ask(str(allowed / "../secret.png")).status_code == 400
+
+
+def test_warmup_runs_every_batch_size_and_decode_length_before_serving(tokenizer_dir):
+  from molmo_jax.serve.engine import BatchingEngine
+  backend = ScriptedBackend(tokenizer_dir, lambda p: "ok")
+  seen = []
+  start = backend.start
+
+  def recording_start(inputs, rows, steps, sampling, seeds):
+    seen.append((inputs[0].crop_slots > 1, rows, steps, sampling.max_new_tokens, sampling.temperature))
+    return start(inputs, rows, steps, sampling, seeds)
+
+  backend.start = recording_start
+  engine = BatchingEngine(backend, max_batch=4, step_bucket=32)
+  assert engine.warmup(max_tokens=[5, 40, 64]) == 2 * 2 * 3
+  expected = {(image, rows, steps, steps, 0.0)
+              for image in (False, True) for rows in (1, 2, 4) for steps in (32, 64)}
+  assert set(seen) == expected and len(seen) == len(expected)
+  assert "completed" not in engine.snapshot()    # warm-up batches are not requests

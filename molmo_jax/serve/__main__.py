@@ -1,6 +1,7 @@
 """Command line: serve a model directory over HTTP (OpenAI-compatible API and a web page).
 
   python -m molmo_jax.serve --checkpoint DIR [--host 127.0.0.1] [--port 8000]
+  python -m molmo_jax.serve --checkpoint WORKDIR [--step N]     (a training workdir)
   python -m molmo_jax.serve --checkpoint ckpt/molmo-7b-d --dtype bfloat16 --mesh fsdp=4 --port 8000
 
 Then open http://127.0.0.1:8000/ or point any OpenAI client at http://127.0.0.1:8000/v1.
@@ -19,7 +20,11 @@ from molmo_jax import errors
 
 def parse_args(argv=None) -> argparse.Namespace:
   p = errors.ArgumentParser(prog="python -m molmo_jax.serve", description=__doc__)
-  p.add_argument("--checkpoint", required=True, help="model directory (converted or trained)")
+  p.add_argument("--checkpoint", required=True,
+                 help="model directory (converted or exported), or a training workdir (its latest "
+                      "checkpoint unless --step)")
+  p.add_argument("--step", type=int, default=None,
+                 help="training step to serve when --checkpoint is a workdir (default: latest)")
   p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
   p.add_argument("--port", type=int, default=8000)
   p.add_argument("--model-name", default=None, help="name in /v1/models (default: the directory name)")
@@ -39,6 +44,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                       'prompt-length bucket); default: powers of two up to --max-batch')
   p.add_argument("--decode-chunk", type=int, default=8,
                  help="tokens decoded per call into the compiled program (streamed together)")
+  p.add_argument("--prefill-rows", type=int, default=2,
+                 help="rows of a batch whose prompt and images run through the model together "
+                      "(0 = the whole batch at once)")
+  p.add_argument("--warmup-max-tokens", default=None,
+                 help='compile these max_tokens buckets for every batch size before listening, '
+                      'e.g. "32,192" (default: --default-max-tokens); "0" skips the warm-up')
+  p.add_argument("--warmup-kinds", default="text,image",
+                 help='which requests the warm-up compiles for: "text" (no image), "image" (a small '
+                      'image) or both')
   p.add_argument("--batch-wait-ms", type=float, default=10.0,
                  help="how long a request waits for others to batch with when the server is idle")
   p.add_argument("--queue-size", type=int, default=128,
@@ -54,8 +68,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="also accept image paths / file:// URLs inside DIR (off by default)")
   p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
   args = p.parse_args(argv)
-  if not (Path(args.checkpoint) / "config.json").is_file():
-    p.error(f"--checkpoint {args.checkpoint}: not a model directory (no config.json)")
   if args.local_images is not None and not Path(args.local_images).is_dir():
     p.error(f"--local-images {args.local_images}: no such directory")
   for name in ("port", "max_batch", "decode_chunk", "queue_size", "default_max_tokens", "max_tokens_limit",
@@ -72,8 +84,28 @@ def parse_args(argv=None) -> argparse.Namespace:
       p.error(f"--batch-sizes {args.batch_sizes}: expected comma-separated integers")
     if not args.batch_sizes or min(args.batch_sizes) < 1:
       p.error("--batch-sizes: expected positive integers")
+  if args.prefill_rows < 0:
+    p.error(f"--prefill-rows must be >= 0, got {args.prefill_rows}")
+  if args.warmup_max_tokens is None:
+    args.warmup_max_tokens = [args.default_max_tokens]
+  else:
+    try:
+      args.warmup_max_tokens = [int(v) for v in args.warmup_max_tokens.split(",") if v.strip()]
+    except ValueError:
+      p.error(f"--warmup-max-tokens {args.warmup_max_tokens}: expected comma-separated integers")
+    if min(args.warmup_max_tokens, default=0) < 0:
+      p.error("--warmup-max-tokens: expected integers >= 0")
+    args.warmup_max_tokens = [v for v in args.warmup_max_tokens if v > 0]
+  args.warmup_kinds = tuple(k.strip() for k in args.warmup_kinds.split(",") if k.strip())
+  if not args.warmup_kinds or set(args.warmup_kinds) - {"text", "image"}:
+    p.error("--warmup-kinds: expected text, image or text,image")
   if args.batch_wait_ms < 0:
     p.error(f"--batch-wait-ms must be >= 0, got {args.batch_wait_ms}")
+  from molmo_jax.model_dir import locate_model
+  try:   # a model directory or a training workdir, checked before anything is loaded
+    args.model_source = locate_model(args.checkpoint, args.step)
+  except (FileNotFoundError, ValueError) as e:
+    p.error(f"--checkpoint {args.checkpoint}: {e}")
   return args
 
 
@@ -102,10 +134,15 @@ def main(argv=None) -> int:
     raise errors.UserError("--mesh", str(e)) from e
   predictor = Predictor.from_checkpoint(args.checkpoint, dtype=args.dtype, mesh=mesh,
                                         max_crops=args.max_crops, resize_method=args.resize_method,
-                                        quantize=args.quantize)
-  engine = BatchingEngine(ModelBackend(predictor, decode_chunk=args.decode_chunk), max_batch=args.max_batch,
-                          batch_wait_s=args.batch_wait_ms / 1000, queue_size=args.queue_size,
-                          batch_sizes=args.batch_sizes).start()
+                                        step=args.step, quantize=args.quantize)
+  backend = ModelBackend(predictor, decode_chunk=args.decode_chunk, prefill_rows=args.prefill_rows)
+  engine = BatchingEngine(backend, max_batch=args.max_batch, batch_wait_s=args.batch_wait_ms / 1000,
+                          queue_size=args.queue_size, batch_sizes=args.batch_sizes)
+  if args.warmup_max_tokens:
+    print(f"compiling batch sizes {engine.batch_sizes} for max_tokens {args.warmup_max_tokens} ...",
+          file=sys.stderr, flush=True)
+    engine.warmup(args.warmup_max_tokens, backend.warmup_inputs(args.warmup_kinds))
+  engine.start()
   settings = ServeSettings(
       model_name=args.model_name or Path(args.checkpoint).resolve().name,
       max_body_bytes=int(args.max_body_mb * 2**20), default_max_tokens=args.default_max_tokens,

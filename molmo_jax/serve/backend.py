@@ -14,18 +14,23 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import io
+import logging
 import math
 from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image
 
 from molmo_jax import sharding
 from molmo_jax.generate import DecodeState, SamplingConfig, decode_step, prefill
 from molmo_jax.preprocess import examples, image_io, inputs
 from molmo_jax.serve.messages import Conversation
 from molmo_jax.serve.protocol import APIError
+
+_log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -53,10 +58,17 @@ class ModelBackend:
   engine drop cancelled rows between chunks.
   """
 
-  def __init__(self, predictor: Any, decode_chunk: int = 8):
+  def __init__(self, predictor: Any, decode_chunk: int = 8, prefill_rows: int = 2):
+    """prefill_rows: the prompt and vision tower of a batch run this many rows at a time inside
+    its one compiled prefill (0 = all rows at once). On CPU a whole batch of 32 image requests
+    at once costs more per row than two at a time (its activations no longer fit the caches)."""
     if decode_chunk < 1:
       raise ValueError(f"decode_chunk must be >= 1, got {decode_chunk}")
+    if prefill_rows < 0:
+      raise ValueError(f"prefill_rows must be >= 0, got {prefill_rows}")
     self.decode_chunk = decode_chunk
+    self.prefill_rows = prefill_rows
+    self.compiled: set[tuple] = set()   # shapes the jitted functions have been called with
     self.predictor = predictor
     self.tokenizer = predictor.tokenizer
     self.config = predictor.config
@@ -113,17 +125,51 @@ class ModelBackend:
     seq_len = max(p.length_bucket for p in padded)
     slots = max(p.crop_slots for p in padded)
     batch = examples.collate([p.example for p in padded], seq_len, slots - 1)
-    keys = np.stack([np.asarray(jax.random.PRNGKey(s)) for s in seeds + [0] * (rows - len(seeds))])
+    # One call for all rows' keys (a PRNGKey call per row costs ~4 ms of dispatch each on CPU).
+    keys = np.asarray(_keys_from_seeds(np.asarray(seeds + [0] * (rows - len(seeds)), np.uint32)))
+    self._note_shape(("prefill", rows, seq_len, slots, steps))
+    self._note_shape(("decode", rows, seq_len + steps, sampling))
     return _ModelRun(self, batch, keys, steps, sampling)
 
+  def _note_shape(self, key: tuple) -> None:
+    """Counts the shapes the jitted functions see: a new one is a compilation (logged, and
+    counted in /health), which under load should only ever happen during warm-up."""
+    if key not in self.compiled:
+      self.compiled.add(key)
+      _log.info("compiling %s for %s", key[0], key[1:])
+
+  def warmup_inputs(self, kinds: tuple[str, ...] = ("text", "image")) -> list[PreparedInput]:
+    """A text-only ("text") and a small-image ("image") request: warming up with them compiles
+    the prompt buckets of short text questions and of images that need few crops."""
+    from molmo_jax.serve.messages import Conversation, ImageSource
+    unknown = set(kinds) - {"text", "image"}
+    if unknown:
+      raise ValueError(f"warm-up kinds must be text or image, got {sorted(unknown)}")
+    image = io.BytesIO()
+    Image.new("RGB", (64, 64), (128, 128, 128)).save(image, "PNG")
+    sources = {"text": None, "image": ImageSource(image.getvalue(), "warmup")}
+    return [self.prepare(Conversation(["Describe this image."], sources[k])) for k in kinds]
+
+  def _prefill_fn(self, steps: int, rows: int):
+    r = self.prefill_rows
+    per_pass = r if 0 < r < rows and rows % r == 0 and self.mesh is None else 0
+    return self._prefill_jit(steps, per_pass)
+
   @functools.lru_cache(maxsize=16)
-  def _prefill_fn(self, steps: int):
-    return jax.jit(functools.partial(prefill, model=self.predictor.model, steps=steps))
+  def _prefill_jit(self, steps: int, rows_per_pass: int):
+    return jax.jit(functools.partial(prefill, model=self.predictor.model, steps=steps,
+                                     rows_per_pass=rows_per_pass))
 
   @functools.lru_cache(maxsize=16)
   def _chunk_fn(self, sampling: SamplingConfig):
     return jax.jit(functools.partial(decode_chunk, model=self.predictor.model, sampling=sampling,
                                      chunk=self.decode_chunk), donate_argnums=(1,))
+
+
+@jax.jit
+def _keys_from_seeds(seeds: jax.Array) -> jax.Array:
+  """[B] seeds -> [B, 2] PRNG keys, each equal to jax.random.PRNGKey(seed)."""
+  return jax.vmap(jax.random.PRNGKey)(seeds)
 
 
 def decode_chunk(params: Any, state: DecodeState, slot: jax.Array, index: jax.Array,
@@ -170,7 +216,7 @@ class _ModelRun:
                  for k, v in batch.items()}
         keys = jax.device_put(keys, sharding.data_sharding(backend.mesh, 2))
       self.keys = jnp.asarray(keys)
-      self.state = backend._prefill_fn(steps)(self.params, batch)
+      self.state = backend._prefill_fn(steps, len(keys))(self.params, batch)
 
   def _context(self):
     if self.backend.mesh is None:

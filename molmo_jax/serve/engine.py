@@ -196,9 +196,35 @@ class BatchingEngine:
       job.emit(Failed(APIError(503, "the server is shutting down", type="server_error",
                                code="shutting_down")))
 
+  def warmup(self, max_tokens: Sequence[int] = (), inputs: Sequence[PreparedInput] | None = None,
+             ) -> int:
+    """Compiles what serving will run before any request comes (call before `start`): for each
+    of `inputs` (default: the backend's text-only and small-image requests), each batch size and
+    each decode length bucket of `max_tokens`, one greedy batch prefills and decodes a chunk.
+    Without it the first batch of each new shape compiles while its requests wait. Returns the
+    number of batches run."""
+    backend = self.backend
+    inputs = backend.warmup_inputs() if inputs is None else inputs
+    steps_buckets = sorted({-(-m // self.step_bucket) * self.step_bucket for m in max_tokens})
+    sampling = SamplingConfig(temperature=0.0, eos_id=backend.tokenizer.eos_id)
+    started, runs = time.monotonic(), 0
+    for prepared in inputs:
+      for steps in steps_buckets:
+        for rows in self.batch_sizes:
+          run = backend.start([prepared], rows, steps, dataclasses.replace(
+              sampling, max_new_tokens=steps), [0])
+          run.step(np.arange(rows) > 0, np.full(rows, steps))
+          runs += 1
+    _log.info("warm-up: %d batch shapes in %.1f s", runs, time.monotonic() - started)
+    return runs
+
   def snapshot(self) -> dict[str, Any]:
     with self._cond:
-      return {"queued": len(self._queue), "running": self.running, **self.stats}
+      out = {"queued": len(self._queue), "running": self.running, **self.stats}
+    compiled = getattr(self.backend, "compiled", None)
+    if compiled is not None:
+      out["compiled_shapes"] = len(compiled)
+    return out
 
   # ---- requests -------------------------------------------------------------------------------
 
@@ -281,9 +307,11 @@ class BatchingEngine:
     longest = max(job.max_tokens for job in jobs)
     steps = -(-longest // self.step_bucket) * self.step_bucket
     first = jobs[0]
-    sampling = SamplingConfig(max_new_tokens=steps, temperature=first.temperature,
-                              top_p=first.top_p, top_k=first.top_k, eos_id=tokenizer.eos_id)
-    seeds = [job.seed if job.seed is not None else random.getrandbits(31) for job in jobs]
+    sampling = SamplingConfig(max_new_tokens=steps, eos_id=tokenizer.eos_id)
+    if first.temperature > 0:   # greedy ignores top-p/top-k: one compiled program for all greedy
+      sampling = dataclasses.replace(sampling, temperature=first.temperature, top_p=first.top_p,
+                                     top_k=first.top_k)
+    seeds = [job.seed % 2**32 if job.seed is not None else random.getrandbits(31) for job in jobs]
     self.stats["batches"] += 1
     self.stats["batched_requests"] += n
     started = time.monotonic()
