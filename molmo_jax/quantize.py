@@ -4,7 +4,8 @@ Legend: W a dense kernel [*I, *O] (I contracted, O output dims), L the stacked l
 scanned blocks, q = round(W / s) the quantized values, s the per-channel scale.
 
 qwix intercepts the matmuls (`lax.dot_general`, `jnp.einsum`) of the modules its rules match and
-runs them on quantized weights; activations stay in the compute dtype ("weight-only"). Each
+runs them on quantized weights as (x . q) * s (`weight_only_dot_general`: no dequantized weight is
+ever materialised); activations stay in the compute dtype ("weight-only"). Each
 weight gets one scale per output channel (per element of O, and per layer of a scanned stack):
 s = max|W| over the contracted dims I / (qmax + 0.5) (127.5 for int8, 7.5 for int4: qwix's bound,
 the extreme values round to qmax), symmetric, no zero point, so |dequantize(q) - W| <= s / 2
