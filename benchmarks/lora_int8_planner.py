@@ -9,8 +9,8 @@ Points (each a real compile of what train.py / the Predictor would run; 5-60 min
              tokens in --micro micro-batches, remat full, mesh fsdp = 8: v5p:2x2x2
   lora-v6e   the same on v6e:2x4
   int8-v5e   weight-only int8 generation: batch 16, 4096-token prompts with 13 crops, prefill
-             --prefill-rows rows per pass + one decode step, bf16 elsewhere, mesh tensor = 8:
-             v5e:2x4
+             --prefill-rows rows per pass + one decode step, bf16 elsewhere, mesh tensor = 8,
+             weights in the layouts the compiler picks (--param-layouts): v5e:2x4
 "fits" means at most 90 % of HBM. Writes benchmarks/results/lora_int8_planner.json (points
 already there are kept unless named again). Needs the `tpu` extra (libtpu).
 """
@@ -49,15 +49,16 @@ def lora_point(topology: str, micro: int, rank: int = 64) -> dict:
           **{k: v for k, v in report.to_json().items() if k != "param_sharding"}}
 
 
-def int8_point(topology: str, prefill_rows: int) -> dict:
+def int8_point(topology: str, prefill_rows: int, param_layouts: str) -> dict:
   from molmo_jax import config as C
   from molmo_jax.training import aot
   report = aot.compile_generation_step(C.preset("molmo-72b"), topology, batch_size=16,
                                        prompt_length=4096, quantize="int8", dtype="bfloat16",
                                        mesh_shape={"data": 1, "tensor": -1},
-                                       prefill_rows_per_pass=prefill_rows)
+                                       prefill_rows_per_pass=prefill_rows,
+                                       param_layouts=param_layouts)
   return {"kind": "int8_generation", "model": "molmo-72b", "batch": 16, "prompt_length": 4096,
-          "crops": 13, "prefill_rows_per_pass": prefill_rows,
+          "crops": 13, "prefill_rows_per_pass": prefill_rows, "param_layouts": param_layouts,
           **{k: v for k, v in report.to_json().items() if k != "param_sharding"}}
 
 
@@ -66,6 +67,9 @@ def main(argv=None) -> int:
   p.add_argument("--points", default="int8-v5e,lora-v5p,lora-v6e")
   p.add_argument("--micro", type=int, default=32, help="micro-batches of the LoRA step")
   p.add_argument("--prefill-rows", type=int, default=1, help="prefill rows per pass (int8 point)")
+  p.add_argument("--param-layouts", choices=["default", "auto"], default="auto",
+                 help="int8 point: weights in XLA's default layouts or in the compiler's choice "
+                      "(placed once by the server; see compile_generation_step)")
   p.add_argument("--out", default=str(RESULTS))
   args = p.parse_args(argv)
   out = Path(args.out)
@@ -76,7 +80,7 @@ def main(argv=None) -> int:
     elif name == "lora-v6e":
       point = lora_point("v6e:2x4", args.micro)
     elif name == "int8-v5e":
-      point = int8_point("v5e:2x4", args.prefill_rows)
+      point = int8_point("v5e:2x4", args.prefill_rows, args.param_layouts)
     else:
       raise SystemExit(f"error: unknown point {name!r}")
     point["fits_90"] = bool(point["error"] is None and point["hbm_fraction"] <= HBM_LIMIT)

@@ -3,6 +3,8 @@
   <dir>/params/        Orbax PyTree checkpoint of the parameters (tree of docs/architecture.md)
   <dir>/config.json    MolmoConfig.to_json()
   <dir>/tokenizer/     tokenizer files (optional)
+  <dir>/quantization.json  only in a weight-only quantized directory (molmo_jax.quantize): the
+                       mode; params/ then holds {qvalue, scale} for each quantized weight
 
 Every loader also takes a training workdir (what train.py writes: checkpoints/<step>/params,
 model_config.json, tokenizer/, and model/ at the end): `locate_model(path, step)` finds the
@@ -34,6 +36,7 @@ from molmo_jax.output_dirs import staged_directory
 PARAMS_DIR = "params"
 CONFIG_FILE = "config.json"
 TOKENIZER_DIR = "tokenizer"
+QUANTIZATION_FILE = "quantization.json"
 # A training workdir (molmo_jax.training.loop).
 WORKDIR_CHECKPOINTS = "checkpoints"
 WORKDIR_MODEL_CONFIG = "model_config.json"
@@ -129,6 +132,9 @@ def restore_params_only(path: str | os.PathLike, abstract_params: Any = None) ->
   against what is stored and used as the restore target.
   """
   path = absolute(path)
+  if (path / QUANTIZATION_FILE).is_file():
+    raise errors.UserError(str(path), "is a weight-only quantized model directory "
+                           f"({QUANTIZATION_FILE})", "initialise from the float model directory")
   params_dir = path / PARAMS_DIR if (path / PARAMS_DIR).is_dir() else path
   if not (params_dir / "_METADATA").is_file():
     raise FileNotFoundError(f"{path}: no Orbax parameter checkpoint here (expected "
@@ -160,8 +166,11 @@ def _config_text(config: MolmoConfig | str) -> str:
 
 def save_model_checkpoint(directory: str | os.PathLike, params: Any, config_json: MolmoConfig | str,
                           tokenizer_dir: str | os.PathLike | None = None,
-                          overwrite: bool = False) -> Path:
+                          overwrite: bool = False,
+                          extra_files: dict[str, str] | None = None) -> Path:
   """Writes a model directory atomically (see the module docstring); returns its path.
+
+  extra_files: name -> text of more files written beside config.json (e.g. quantization.json).
 
   Single-process: the staging directory and the renames are done by this process (a multi-host
   converter must gather the parameters to one host or add a barrier around the renames).
@@ -176,6 +185,8 @@ def save_model_checkpoint(directory: str | os.PathLike, params: Any, config_json
     checkpointer = ocp.Checkpointer(ocp.StandardCheckpointHandler())
     checkpointer.save(epath.Path(staging / PARAMS_DIR), args=ocp.args.StandardSave(params))
     (staging / CONFIG_FILE).write_text(config_text)
+    for name, text in (extra_files or {}).items():
+      (staging / name).write_text(text)
     if tokenizer_dir is not None:
       shutil.copytree(tokenizer_dir, staging / TOKENIZER_DIR)
   return directory
@@ -270,14 +281,21 @@ def locate_model(path: str | os.PathLike, step: int | None = None) -> ModelSourc
 
 
 def load_model_checkpoint(directory: str | os.PathLike, expected_params: Any = None,
-                          step: int | None = None) -> ModelCheckpoint:
+                          step: int | None = None, quantized: bool = False) -> ModelCheckpoint:
   """Reads a model directory or a training workdir (latest step, or `step`); validates the
   config and (when given) the parameter tree.
 
   expected_params: a tree of arrays or jax.ShapeDtypeStruct (with `.sharding` to restore sharded,
     and a dtype to cast to); every path and shape must match what is stored.
+  quantized: the caller reads weight-only quantized directories (molmo_jax.quantize); others
+    are refused with a message saying what such a directory is for.
   """
   source = locate_model(directory, step)
+  if not quantized and (source.path / QUANTIZATION_FILE).is_file():
+    raise errors.UserError(str(source.path), "is a weight-only quantized model directory "
+                           f"({QUANTIZATION_FILE}); its weights are not the float parameters",
+                           "load it with predict, eval.py, the server or Predictor.from_checkpoint;"
+                           " train, merge or export from the float model directory")
   config = source.read_config()
   if not (source.params_dir / "_METADATA").is_file():
     raise FileNotFoundError(f"{source.describe()}: missing {source.params_dir} (an Orbax PyTree "

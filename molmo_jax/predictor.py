@@ -92,13 +92,17 @@ class Predictor:
                mesh: jax.sharding.Mesh | None = None, max_crops: int | None = None,
                length_bucket: int = 64, quantize: Any = None):
     """quantize: None / "none" (float weights), "int8" or "int4" weight-only for the language
-    model, "+vit" to include the vision tower (e.g. "int8+vit"), or a QuantizeConfig; the float
-    `params` are quantized here (see molmo_jax.quantize)."""
+    model, "+vit" to include the vision tower (e.g. "int8+vit"), or a QuantizeConfig; float
+    `params` are quantized here, already quantized ones (a saved quantized directory) are used
+    as they are (see molmo_jax.quantize)."""
     from molmo_jax import quantize as quantize_lib
     self.config = config
     self.quantize = quantize_lib.from_mapping(quantize)
     self.model = quantize_lib.quantized_model(Molmo(config), self.quantize)
-    if self.quantize.enabled:
+    if quantize_lib.is_quantized_tree(params):
+      if not self.quantize.enabled:
+        raise UserError("params", "are quantized", "pass the quantize mode they were made with")
+    elif self.quantize.enabled:
       if mesh is not None:
         with sharding.activate(mesh):
           params = quantize_lib.quantize_params(self.model, params)
@@ -128,21 +132,36 @@ class Predictor:
       preprocess: other PreprocessConfig fields to change (e.g. {"alpha": "composite"}).
       step: the training step when `directory` is a training workdir (default: the latest).
       quantize: "int8", "int4", "int8+vit", ... quantizes the weights at load time
-        (molmo_jax.quantize); None / "none" keeps them in float.
+        (molmo_jax.quantize); None / "none" keeps them in float. A saved quantized directory
+        (python -m molmo_jax.quantize) loads in its own mode; another mode is refused.
     """
+    from molmo_jax import quantize as quantize_lib
     from molmo_jax.model_dir import load_model_checkpoint, locate_model
     source = locate_model(directory, step)
     config = source.read_config()
     if dtype is not None:
       config = config.replace(dtype=dtype, param_dtype=dtype)
     config = config.with_preprocess(resize_method=resize_method, **dict(preprocess or {}))
-    expected = abstract_params(config, mesh)
-    ckpt = load_model_checkpoint(directory, expected_params=expected, step=step)
+    saved = quantize_lib.saved_quantization(source.path)
+    if saved is not None:
+      asked = quantize_lib.from_mapping(quantize)
+      if asked.enabled and asked != saved:
+        raise UserError(f"--quantize {asked.mode}{'+vit' if asked.vit else ''}",
+                        f"{source.path} is saved quantized as {saved.mode}"
+                        f"{'+vit' if saved.vit else ''}", "leave --quantize out for this directory")
+      quantize = saved
+      qmodel = quantize_lib.quantized_model(Molmo(config), saved)
+      expected = quantize_lib.abstract_storable(qmodel, mesh)
+    else:
+      expected = abstract_params(config, mesh)
+    ckpt = load_model_checkpoint(directory, expected_params=expected, step=step,
+                                 quantized=saved is not None)
     if ckpt.tokenizer_dir is None:
       raise FileNotFoundError(f"{source.describe()}: no tokenizer/ folder; copy the tokenizer "
                               "files (tokenizer.json, ...) there")
     tokenizer = MolmoTokenizer.from_checkpoint(ckpt.tokenizer_dir, config.llm.vocab_size)
-    return cls(config, ckpt.params, tokenizer, mesh=mesh, max_crops=max_crops, quantize=quantize)
+    params = ckpt.params if saved is None else quantize_lib.from_storable(ckpt.params, qmodel)
+    return cls(config, params, tokenizer, mesh=mesh, max_crops=max_crops, quantize=quantize)
 
   def batch(self, images: Sequence[Any], prompts: Sequence[str], *,
             style: str | None = None) -> inputs.ModelBatch:

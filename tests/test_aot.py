@@ -189,3 +189,24 @@ def test_tiny_generation_step_compiles_int8_smaller_than_bf16(quantize):
 
 
 test_tiny_generation_step_compiles_int8_smaller_than_bf16.sizes = {}
+
+
+def test_aot_generate_command_compiles_int8_generation_with_compiler_layouts(tmp_path, capsys):
+  """`python aot.py --generate` on a model directory's config: prefill + one decode step, the
+  weights in the layouts the compiler picks; usage errors exit 2."""
+  _require_libtpu()
+  import json
+  import aot as aot_cli
+  from molmo_jax import config as C
+  (tmp_path / "config.json").write_text(C.tiny("qwen2", vocab_size=512,
+                                               embedding_size=512).to_json())
+  argv = ["--generate", "--model", str(tmp_path), "--topology", "v5p:2x2x1", "--batch", "4",
+          "--length", "64", "--crops", "2", "--prefill-rows", "2", "--param-layouts", "auto"]
+  assert aot_cli.main([*argv, "--json"]) == 0
+  report = json.loads(capsys.readouterr().out)
+  assert report["kind"] == "generation" and report["quantize"] == "int8"
+  assert report["param_layouts"] == "auto" and report["error"] is None
+  assert report["mesh"]["tensor"] == 4 and report["argument_bytes"] > 0
+  assert aot_cli.main(["--generate", "--topology", "v5p:2x2x1"]) == 2          # no --model
+  assert aot_cli.main([*argv, "--mesh", "tensor=four"]) == 2
+  assert "--model" in capsys.readouterr().err

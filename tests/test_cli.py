@@ -32,6 +32,7 @@ TOOLS = {
     "convert.inspect": ("python -m convert.inspect", "molmo-inspect"),
     "convert.build_initial": ("python -m convert.build_initial", "molmo-build-initial"),
     "molmo_jax.serve.__main__": ("python -m molmo_jax.serve", "molmo-serve"),
+    "molmo_jax.quantize": ("python -m molmo_jax.quantize", "molmo-quantize"),
 }
 ABSL_TOOLS = ("train", "aot")
 

@@ -132,3 +132,45 @@ def test_mode_parsing():
     Q.from_mapping("int3")
   with pytest.raises(ValueError, match="int8\\+vit"):
     Q.from_mapping("int8+llm")
+
+
+def test_saved_quantized_directory_loads_in_the_predictor(tmp_path):
+  """python -m molmo_jax.quantize writes int8 values + scales (smaller than the float weights);
+  Predictor.from_checkpoint loads them as they were quantized at load time and generates the
+  same tokens; float-only loaders refuse the directory."""
+  from PIL import Image
+  from molmo_jax import errors
+  from molmo_jax.data.demo_tokenizer import build_demo_tokenizer, save_demo_tokenizer
+  from molmo_jax.model_dir import load_model_checkpoint, save_model_checkpoint
+  from molmo_jax.predictor import Predictor
+
+  cfg = C.tiny("qwen2", vocab_size=448, embedding_size=448)
+  params = random_params(abstract_params(cfg), seed=3)
+  save_demo_tokenizer(tmp_path / "tok", build_demo_tokenizer(vocab_size=448))
+  save_model_checkpoint(tmp_path / "float", jax.device_get(params), cfg,
+                        tokenizer_dir=tmp_path / "tok")
+  assert Q.main(["--model", str(tmp_path / "float"), "--out", str(tmp_path / "q8")]) == 0
+
+  def size(path):
+    return sum(p.stat().st_size for p in (path / "params").rglob("*") if p.is_file())
+  assert size(tmp_path / "q8") < size(tmp_path / "float")
+  saved = Predictor.from_checkpoint(tmp_path / "q8")
+  at_load = Predictor.from_checkpoint(tmp_path / "float", dtype="bfloat16", quantize="int8")
+  assert saved.quantize == Q.QuantizeConfig("int8")
+  mine, theirs = Q.quantized_leaves(saved.params), Q.quantized_leaves(at_load.params)
+  assert set(mine) == set(theirs) and "llm/blocks/mlp/down/kernel" in mine
+  for name, q in mine.items():
+    assert q.qvalue.dtype == jnp.int8
+    np.testing.assert_array_equal(np.asarray(q.qvalue), np.asarray(theirs[name].qvalue))
+    np.testing.assert_array_equal(np.asarray(q.scale, np.float32),
+                                  np.asarray(theirs[name].scale, np.float32))
+  image = tmp_path / "a.png"
+  Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 56, 3), np.uint8)).save(image)
+  sampling = SamplingConfig(max_new_tokens=4)
+  a = saved.predict([str(image)], ["Count the dots."], sampling=sampling)[0]
+  b = at_load.predict([str(image)], ["Count the dots."], sampling=sampling)[0]
+  assert a.tokens == b.tokens and len(a.tokens) >= 1
+  with pytest.raises(errors.UserError, match="quantized"):
+    load_model_checkpoint(tmp_path / "q8")
+  with pytest.raises(errors.UserError, match="int4"):
+    Predictor.from_checkpoint(tmp_path / "q8", quantize="int4")

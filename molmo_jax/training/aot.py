@@ -406,55 +406,6 @@ def sharding_by_logical_axis(report: CompileReport) -> dict[str, list[str]]:
 # Generation (serving) step
 # ------------------------------------------------------------------------------------------
 
-def _merged_spec(float_shape: tuple[int, ...], spec: tuple, shape: tuple[int, ...]) -> tuple:
-  """PartitionSpec of a row-major merge of `float_shape` into `shape` (qwix keeps a kernel in its
-  2-D compute shape): each merged dim takes the first mesh axis of the dims it merges (splitting
-  the outer dim in blocks is the same layout as splitting the merged one)."""
-  out, i = [], 0
-  for size in shape:
-    group, prod = [], 1
-    while i < len(float_shape) and (prod < size or (size == 1 and not group)):
-      group.append(i)
-      prod *= float_shape[i]
-      i += 1
-    if prod != size:
-      raise ValueError(f"cannot map shape {float_shape} onto {shape}")
-    axes = [spec[g] for g in group if spec[g] is not None]
-    out.append(axes[0] if axes else None)
-  return tuple(out)
-
-
-def _quantized_shardings(abstract: Any, float_shardings: Any, mesh, float_abstract: Any) -> Any:
-  """Shardings of a (possibly qwix-quantized) parameter tree from the float tree's shardings.
-
-  A quantized weight's values share the float kernel's sharding; its per-channel scale keeps the
-  kernel's rank with size-1 axes where the kernel was reduced, and those axes are not split.
-  """
-  import flax
-  from jax.sharding import NamedSharding, PartitionSpec
-  from molmo_jax import quantize as quantize_lib
-  flat_sh = flax.traverse_util.flatten_dict(float_shardings)
-  flat_float = flax.traverse_util.flatten_dict(float_abstract)
-  flat = flax.traverse_util.flatten_dict(abstract, is_leaf=lambda _, x: quantize_lib._is_with_aux(x))
-  out = {}
-  for path, leaf in flat.items():
-    sharding = flat_sh[path]
-    if not quantize_lib._is_with_aux(leaf):
-      out[path] = sharding
-      continue
-    float_shape = flat_float[path].shape
-    spec = tuple(sharding.spec) + (None,) * (len(float_shape) - len(sharding.spec))
-    merged = _merged_spec(float_shape, spec, tuple(leaf.shape))
-
-    def for_array(x, merged=merged):
-      kept = tuple(s if dim != 1 or full == 1 else None
-                   for s, dim, full in zip(merged, x.shape, leaf.shape))
-      return NamedSharding(mesh, PartitionSpec(*kept))
-
-    out[path] = jax.tree.map(for_array, leaf)
-  return flax.traverse_util.unflatten_dict(out)
-
-
 def _compile_or_report(report: "CompileReport", mesh, lower: Callable[[], Any]):
   """Lowers and compiles under `mesh`, timing it into `report`; an over-HBM program (XLA reports
   it as RESOURCE_EXHAUSTED at compile time) returns None with `report.error` set."""
@@ -476,14 +427,21 @@ def _compile_or_report(report: "CompileReport", mesh, lower: Callable[[], Any]):
 def compile_generation_step(model_cfg: Any, topology: str, batch_size: int, prompt_length: int,
                             quantize: str = "int8", dtype: str = "bfloat16",
                             mesh_shape: Mapping[str, int] | None = None, crops: int | None = None,
-                            prefill_rows_per_pass: int = 0) -> CompileReport:
+                            prefill_rows_per_pass: int = 0,
+                            param_layouts: str = "default") -> CompileReport:
   """Compiles generation as Predictor runs it, for `topology`: the prefill of a batch of
   `prompt_length`-token prompts (with images of `crops` crops, default max_crops + 1) into a
   KV cache, then one decode step, with the weights in `dtype` or quantized (`quantize`).
 
   mesh_shape: default all chips on the tensor axis (weights, KV cache and attention heads split;
   the batch replicated), the layout for a batch too small to split over 8 chips.
+  param_layouts: "default" (the weights arrive in XLA's default memory layout, as a plain
+  device_put leaves them) or "auto" (the compiler chooses their layouts: a server that places
+  the weights once in the executable's `input_formats`). On TPU the scanned int8 kernels'
+  default tiling is not the one the matmuls read, so with "default" XLA re-lays whole [L, ...]
+  stacks out before the layer loops (a copy of several kernels of every layer).
   """
+  from jax.experimental.layout import Format, Layout
   import functools
   import jax.numpy as jnp
   import flax.linen as nn
@@ -501,9 +459,11 @@ def compile_generation_step(model_cfg: Any, topology: str, batch_size: int, prom
   float_sh = sharding_lib.param_shardings(boxed, mesh)
   if qcfg.enabled:
     abstract = quantize_lib.abstract_quantized_params(model)
-    shardings = _quantized_shardings(abstract, float_sh, mesh, nn.unbox(boxed))
+    shardings = quantize_lib.quantized_shardings(abstract, float_sh, mesh, nn.unbox(boxed))
   else:
     abstract, shardings = nn.unbox(boxed), float_sh
+  if param_layouts not in ("default", "auto"):
+    raise ValueError(f"param_layouts {param_layouts!r}: expected default or auto")
   params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         abstract, shardings)
   crops = crops or config.preprocess.max_crops + 1
@@ -512,8 +472,13 @@ def compile_generation_step(model_cfg: Any, topology: str, batch_size: int, prom
   batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding_lib.data_sharding(mesh, v.ndim))
            for k, v in spec.items()}
   rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=sharding_lib.replicated(mesh))
+  in_shardings = None
+  if param_layouts == "auto":
+    in_shardings = (jax.tree.map(lambda s: Format(Layout.AUTO, s), shardings),
+                    {k: v.sharding for k, v in batch.items()}, rng.sharding)
   fn = jax.jit(functools.partial(_generate, model=model, sampling=SamplingConfig(max_new_tokens=1),
-                                 prefill_rows_per_pass=prefill_rows_per_pass))
+                                 prefill_rows_per_pass=prefill_rows_per_pass),
+               in_shardings=in_shardings)
   report = CompileReport(
       topology=topology, chips=chips, mesh={k: int(v) for k, v in mesh.shape.items()}, fits=False,
       hbm_per_chip_bytes=HBM_BYTES[generation],
