@@ -85,7 +85,9 @@ def main():
     return
 
   def ensure(key: tuple[str, str, str, int, str]) -> dict:
-    """The result for `key`, compiled now (and the JSON rewritten) unless already there."""
+    """The result for `key`, compiled now (and the JSON rewritten) unless already there (with
+    the recipe's current loss_chunk_size: points compiled with whole logits do not count)."""
+    key = key + (recipe_chunk(key[1]),)
     if key not in done:
       print(f"compiling {key} ...", flush=True)
       done[key] = compile_one(*key[:4], remat=key[4])
@@ -108,8 +110,15 @@ def main():
   print(table(list(done.values())))
 
 
-def _key(r: dict) -> tuple[str, str, str, int, str]:
-  return (r["model"], r["stage"], r["topology"], r.get("micro_batches", 1), r.get("remat_policy", "full"))
+def _key(r: dict) -> tuple[str, str, str, int, str, int]:
+  return (r["model"], r["stage"], r["topology"], r.get("micro_batches", 1), r.get("remat_policy", "full"),
+          r.get("loss_chunk_size", 0))
+
+
+def recipe_chunk(stage: str) -> int:
+  """The loss_chunk_size a stage's recipe compiles with (0: whole logits)."""
+  from molmo_jax import experiment
+  return int(experiment.load_recipe(str(ROOT / STAGES[stage])).get("loss_chunk_size", 0))
 
 
 def table(results: list[dict]) -> str:

@@ -23,6 +23,9 @@ Field reference (all overridable with --config.<path>=value):
   micro_batches         gradient accumulation: the global batch runs as this many slices
   loss_chunk_size       LM head + loss over chunks of this many positions, never holding the
                         [B, T, V] fp32 logits (0 = whole logits at once)
+  offload_optimizer_state   keep AdamW's moments (8 bytes per trainable parameter) in pinned host
+                        memory between steps; the step copies them to the chip for the update and
+                        back (TPU; saves their HBM at the cost of two host transfers per step)
   mesh.{data,fsdp,tensor,expert}   mesh axis sizes; one may be -1 (all remaining devices)
   checkpoint.{save_every,keep,async_save,replica_parallel}
   export_model          write <workdir>/model/ when the run ends (finished or stopped by a signal)
@@ -82,6 +85,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.total_steps = 1000
   c.micro_batches = 1
   c.loss_chunk_size = 512
+  c.offload_optimizer_state = False
   # LoRA (rank > 0): adapters on `targets`, `train` trained in full, everything else frozen.
   c.lora = ml_collections.ConfigDict(dict(rank=0, alpha=16.0, dropout=0.0, targets=("llm",),
                                           train=(), base_dtype="float32"))

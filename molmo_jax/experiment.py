@@ -182,6 +182,7 @@ class Experiment:
   state_shardings: Any               # TrainState of NamedShardings
   step_config: Any                   # molmo_jax.training.train_step.StepConfig
   lora: Any = None                   # molmo_jax.lora.LoraConfig (rank 0 = off)
+  offload_opt_state: bool = False    # AdamW moments in pinned host memory (offload_optimizer_state)
 
   @property
   def frozen_dtype(self) -> str | None:
@@ -222,7 +223,8 @@ class Experiment:
     from molmo_jax.training import train_step as step_lib
     rng = jax.random.PRNGKey(int(self.config.seed if seed is None else seed))
     return step_lib.init_train_state(self.model, self.optimizer, self.mesh, self.batch_spec, rng,
-                                     params=params, frozen_dtype=self.frozen_dtype)
+                                     params=params, frozen_dtype=self.frozen_dtype,
+                                     offload_opt_state=self.offload_opt_state)
 
   def tokenizer(self):
     return load_tokenizer(self.config.get("tokenizer_dir") or "", self.init_from, self.model_config)
@@ -271,10 +273,11 @@ def build(config: Any, devices: Sequence[Any] | None = None,
   spec = step_lib.data_batch_spec(model_cfg, data_cfg)
   step_cfg = step_lib.StepConfig.from_config(config)
   optimizer = build_optimizer(optimizer_config(config), step_lib.abstract_params(model, spec))
+  offload = bool(config.get("offload_optimizer_state", False))
   abstract, shardings = step_lib.abstract_train_state(
-      model, optimizer, mesh, spec, lora.base_dtype if lora.enabled else None)
+      model, optimizer, mesh, spec, lora.base_dtype if lora.enabled else None, offload)
   return Experiment(config=config, model_config=model_cfg, data_config=data_cfg,
                     max_crops=max_crops, mesh=mesh, model=model, batch_spec=spec,
                     optimizer=optimizer, abstract_state=abstract, state_shardings=shardings,
-                    step_config=step_cfg, lora=lora)
+                    step_config=step_cfg, lora=lora, offload_opt_state=offload)
 

@@ -170,6 +170,20 @@ def test_tiny_lora_train_step_compiles_with_state_for_adapters_only():
   assert report.argument_bytes < 0.6 * full.argument_bytes
 
 
+def test_tiny_train_step_compiles_with_optimizer_state_in_host_memory():
+  """offload_optimizer_state: AdamW's moments become pinned-host arguments of the TPU program
+  (8 bytes per trainable parameter leave HBM) and the step still compiles."""
+  _require_libtpu()
+  from molmo_jax.training import aot
+  overrides = {"mesh.data": 1, "mesh.fsdp": 4, "micro_batches": 2}
+  plain = aot.compile_train_step(_tiny_config(**overrides), "v5p:2x2x1")
+  report = aot.compile_train_step(_tiny_config(**overrides, offload_optimizer_state=True), "v5p:2x2x1")
+  assert report.error is None and report.fits and plain.host_bytes == 0
+  moments = 2 * 4 * report.trainable_param_count / report.chips
+  assert report.host_bytes >= 0.9 * moments
+  assert plain.argument_bytes - report.argument_bytes >= 0.9 * moments
+
+
 @pytest.mark.parametrize("quantize", ["int8", "none"])
 def test_tiny_generation_step_compiles_int8_smaller_than_bf16(quantize):
   _require_libtpu()

@@ -79,18 +79,19 @@ class Setup:
     self._steps = {}
     self.reference = self.run_step(mesh)
 
-  def step_fn(self, mesh, micro_batches=1, loss_chunk_size=0):
-    key = (tuple(mesh.shape.items()), micro_batches, loss_chunk_size)
+  def step_fn(self, mesh, micro_batches=1, loss_chunk_size=0, offload=False):
+    key = (tuple(mesh.shape.items()), micro_batches, loss_chunk_size, offload)
     if key not in self._steps:     # one compile per layout, shared by the tests
-      _, shardings = ts.abstract_train_state(self.model, self.optimizer, mesh, self.spec)
+      _, shardings = ts.abstract_train_state(self.model, self.optimizer, mesh, self.spec,
+                                             offload_opt_state=offload)
       self._steps[key] = ts.make_train_step(
           self.model, self.optimizer, mesh, shardings, self.spec,
           ts.StepConfig(micro_batches=micro_batches, z_loss_weight=1e-4,
                         loss_chunk_size=loss_chunk_size), donate=False), shardings
     return self._steps[key]
 
-  def run_step(self, mesh, micro_batches=1, loss_chunk_size=0):
-    step, shardings = self.step_fn(mesh, micro_batches, loss_chunk_size)
+  def run_step(self, mesh, micro_batches=1, loss_chunk_size=0, offload=False):
+    step, shardings = self.step_fn(mesh, micro_batches, loss_chunk_size, offload)
     state = jax.device_put(self.state0, shardings)
     new_state, metrics = step(state, ts.make_global_batch(self.batch, mesh))
     return jax.device_get(new_state), jax.device_get(metrics)
@@ -139,6 +140,19 @@ def test_micro_batches_equal_full_batch(dense):
   result = dense.run_step(mesh, micro_batches=2)      # 2 slices of 4 rows
   assert_same_step(result, dense.reference)
   assert float(result[1]["token_count"]) == float(dense.reference[1]["token_count"])
+
+
+def test_optimizer_state_offloaded_to_host_gives_the_same_step(dense):
+  """AdamW's moments live in pinned host memory between steps (offload_optimizer_state): the
+  state's moment shardings say so, scalars stay on the device, and the step is unchanged."""
+  mesh = sharding.make_mesh(fsdp=4, tensor=2)
+  step, shardings = dense.step_fn(mesh, micro_batches=2, offload=True)
+  kinds = {(len(a.shape) > 0, s.memory_kind) for a, s in zip(
+      jax.tree.leaves(dense.state0.opt_state), jax.tree.leaves(shardings.opt_state))}
+  assert (True, "pinned_host") in kinds and (True, "device") not in kinds, kinds
+  assert "pinned_host" not in {s.memory_kind for s in jax.tree.leaves(shardings.params)}
+  result = dense.run_step(mesh, micro_batches=2, offload=True)
+  assert_same_step(result, dense.reference)
 
 
 def test_chunked_loss_step_equals_plain_step(dense):

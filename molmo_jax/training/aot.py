@@ -46,6 +46,9 @@ class CompileReport:
   alias_bytes: int = 0
   generated_code_bytes: int = 0
   total_bytes: int = 0
+  # Pinned host memory per chip (offloaded optimizer state): host arguments + outputs - aliased
+  # + host temporaries; not part of total_bytes, which is HBM.
+  host_bytes: int = 0
   compile_seconds: float = 0.0
   model_flops_per_step: float = 0.0
   compiled_flops_per_step: float | None = None
@@ -112,6 +115,8 @@ def _memory(compiled) -> dict[str, int]:
   # Donated state is both argument and output; XLA reports the shared part as aliased.
   out["total_bytes"] = (out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"]
                         + out["temp_bytes"] + out["generated_code_bytes"])
+  out["host_bytes"] = (get("host_argument_size_in_bytes") + get("host_output_size_in_bytes")
+                       - get("host_alias_size_in_bytes") + get("host_temp_size_in_bytes"))
   return out
 
 
@@ -366,6 +371,8 @@ def format_report(r: CompileReport) -> str:
             f"  per-chip temporaries   {gib(r.temp_bytes)}",
             f"  per-chip total         {gib(r.total_bytes)}  of {gib(r.hbm_per_chip_bytes)} HBM "
             f"({100 * r.hbm_fraction:.1f} %) -> {'fits' if r.fits else 'DOES NOT FIT'}",
+            *([f"  per-chip pinned host   {gib(r.host_bytes)}  (offloaded optimizer state)"]
+              if r.host_bytes else []),
             *_efficiency_lines(r),
             f"  model FLOPs / step     {r.model_flops_per_step:.3e} (analytic)",
             f"  compiled FLOPs / step  {r.compiled_flops_per_step or 0:.3e} (XLA, scanned body counted once)"]

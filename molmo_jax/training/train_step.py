@@ -213,13 +213,29 @@ def abstract_params(model: Molmo, spec: Mapping[str, jax.ShapeDtypeStruct]) -> A
   return nn.unbox(_abstract_boxed(model, spec))["params"]
 
 
+HOST_MEMORY = "pinned_host"
+
+
+def host_offloaded(shardings: TrainState, abstract_opt_state: Any) -> TrainState:
+  """The same shardings with every non-scalar optimizer-state leaf (AdamW mu and nu) held in
+  pinned host memory; the train step brings them to the device for the update and back."""
+  def host(sharding, leaf):
+    return sharding.with_memory_kind(HOST_MEMORY) if len(leaf.shape) else sharding
+  return shardings.replace(opt_state=jax.tree.map(host, shardings.opt_state, abstract_opt_state))
+
+
+def _on_host(sharding: Any) -> bool:
+  return getattr(sharding, "memory_kind", None) == HOST_MEMORY
+
+
 def abstract_train_state(model: Molmo, optimizer: MolmoOptimizer, mesh: Mesh,
-                         spec: Mapping[str, jax.ShapeDtypeStruct], frozen_dtype: Any = None
-                         ) -> tuple[TrainState, TrainState]:
+                         spec: Mapping[str, jax.ShapeDtypeStruct], frozen_dtype: Any = None,
+                         offload_opt_state: bool = False) -> tuple[TrainState, TrainState]:
   """(ShapeDtypeStructs of the state with `.sharding` set, the state's NamedShardings).
 
   frozen_dtype: optional dtype the frozen parameters are held in (e.g. bfloat16 for a LoRA base);
     trainable parameters keep the model's param_dtype.
+  offload_opt_state: keep the optimizer's moments in pinned host memory (`host_offloaded`).
   """
   boxed = _abstract_boxed(model, spec)
   param_sh = sharding_lib.param_shardings(boxed, mesh)["params"]
@@ -228,6 +244,8 @@ def abstract_train_state(model: Molmo, optimizer: MolmoOptimizer, mesh: Mesh,
   replicated = sharding_lib.replicated(mesh)
   shardings = TrainState(step=replicated, params=param_sh,
                          opt_state=_opt_state_shardings(abstract_opt, param_sh, mesh), rng=replicated)
+  if offload_opt_state:
+    shardings = host_offloaded(shardings, abstract_opt)
   abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params,
                         opt_state=abstract_opt, rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
   with_sharding = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -252,15 +270,17 @@ def _with_frozen_dtype(params: Any, labels: Any, dtype: Any) -> Any:
 
 def init_train_state(model: Molmo, optimizer: MolmoOptimizer, mesh: Mesh,
                      spec: Mapping[str, jax.ShapeDtypeStruct], rng: jax.Array,
-                     params: Any = None, frozen_dtype: Any = None) -> TrainState:
+                     params: Any = None, frozen_dtype: Any = None,
+                     offload_opt_state: bool = False) -> TrainState:
   """A fresh state built directly in its shards (nothing is materialised on one device).
 
   rng: seeds the random parameter init (split off) and becomes the dropout base key.
   params: optional parameters to start from (e.g. a converted checkpoint); the optimizer state
     is then initialised for them and the random init is skipped.
-  frozen_dtype: as for abstract_train_state.
+  frozen_dtype, offload_opt_state: as for abstract_train_state.
   """
-  abstract, shardings = abstract_train_state(model, optimizer, mesh, spec, frozen_dtype)
+  abstract, shardings = abstract_train_state(model, optimizer, mesh, spec, frozen_dtype,
+                                             offload_opt_state)
   init_rng, dropout_rng = jax.random.split(rng)
   init_batch = _init_batch(spec)
 
@@ -388,6 +408,7 @@ def make_train_step(model: Molmo, optimizer: MolmoOptimizer, mesh: Mesh, state_s
 
   grad_fn = jax.value_and_grad(split_loss, has_aux=True)
   trainable_sh, _ = split.split(state_shardings.params)
+  offloaded = any(_on_host(s) for s in jax.tree.leaves(state_shardings.opt_state))
 
   def accumulate(params, batch, step_rng, normaliser):
     """-> (gradients of the trainable leaves (list, split order), sums, aux)."""
@@ -409,6 +430,9 @@ def make_train_step(model: Molmo, optimizer: MolmoOptimizer, mesh: Mesh, state_s
       aux_acc = jax.tree.map(lambda a, x: a + x / micro, aux_acc, aux)
       return (grads_acc, sums_acc, aux_acc), None
 
+    # A zero-filled accumulator as the scan carry: folding the first micro-batch's gradients in
+    # instead (a second copy of the step outside the scan) compiled to 17 MiB more temporaries
+    # on a 134 M-parameter model (docs/scaling.md), as XLA shares no buffers between the two.
     zeros = jax.lax.with_sharding_constraint(
         [jnp.zeros(p.shape, jnp.float32) for p in trainable], trainable_sh)
     init = (zeros, {k: jnp.zeros((), jnp.float32) for k in SUM_KEYS},
@@ -425,7 +449,14 @@ def make_train_step(model: Molmo, optimizer: MolmoOptimizer, mesh: Mesh, state_s
     # never applied (below), so XLA drops them.
     _, frozen = split.split(state.params)
     grads = split.join(trainable_grads, [jnp.zeros(p.shape, p.dtype) for p in frozen])
-    updates, opt_state = optimizer.tx.update(grads, state.opt_state, state.params)
+    opt_state = state.opt_state
+    if offloaded:    # host -> device for the update, and back below
+      opt_state = jax.tree.map(lambda x, s: jax.device_put(x, s.with_memory_kind("device"))
+                               if _on_host(s) else x, opt_state, state_shardings.opt_state)
+    updates, opt_state = optimizer.tx.update(grads, opt_state, state.params)
+    if offloaded:
+      opt_state = jax.tree.map(lambda x, s: jax.device_put(x, s) if _on_host(s) else x,
+                               opt_state, state_shardings.opt_state)
     params = jax.tree.map(lambda p, u, label: p if label == FROZEN else (p + u).astype(p.dtype),
                           state.params, updates, optimizer.labels)
     _, metrics = loss_from_sums(sums, normaliser)
