@@ -18,8 +18,8 @@ export, so a round trip is bit-identical):
 
   copy            y = x.reshape(ours)                 norms, biases [H*h] -> [H, h], embeddings
   linear          y = x.T.reshape(ours)               torch [out, in] -> [in, *out] or [*in, out]
-  experts_linear  y = x.reshape(E, out, in) ^T        [E*out, in] (megablocks w1/v1) or
-                                                      [E, out, in] (fused experts) -> [E, in, out]
+  experts_linear  y = x.reshape(E, out, in)          [E*out, in] (megablocks w1/v1) or
+                       .transpose(0, 2, 1)            [E, out, in] (fused experts) -> [E, in, out]
   patch_conv      [Dv, 3, p, p] -> [p*p*3, Dv]        CLIP's patch conv, rows in (dy, dx, c) order
 
 Weights are read with convert.safetensors_io (memory-mapped, bfloat16 included, no torch).

@@ -45,8 +45,8 @@ from orbax.checkpoint._src.serialization import ocdbt_utils, tensorstore_utils
 
 from convert import conversion_cli, release_config
 from convert.conversion_cli import OUT_DTYPES
-from convert.engine import (COPY, Rule, check_rules_match, hf_tensor_shapes, row_splittable,
-                            set_leaf, to_ours, transpose)
+from convert.engine import (COPY, Rule, check_rules_match, hf_tensor_shapes, read_block,
+                            row_splittable, set_leaf, to_ours, transpose)
 from convert.safetensors_io import INDEX_FILE, SafetensorsDir
 from convert.tables.molmo_release import rules_for
 from molmo_jax import errors
@@ -198,7 +198,7 @@ def model_leaf_shapes(cfg: MolmoConfig) -> dict[str, tuple[int, ...]]:
 def _stacked_blocks(reader: SafetensorsDir, rule: Rule, layer_shape, dtype):
   def blocks():
     for i, name in enumerate(rule.hf_names()):
-      yield (slice(i, i + 1),), to_ours(rule.hook, reader.read(name, rule.rows), layer_shape
+      yield (slice(i, i + 1),), to_ours(rule.hook, read_block(reader, rule, name), layer_shape
                                         ).astype(dtype, copy=False)[None]
   return blocks
 
@@ -235,7 +235,7 @@ def streamed_leaf(reader: SafetensorsDir, rule: Rule, shape: tuple[int, ...], dt
     return StreamedArray(shape, dtype, block_shape, _row_blocks(reader, rule, rows, dtype))
 
   def whole():
-    yield tuple(slice(None) for _ in shape), to_ours(rule.hook, reader.read(rule.hf, rule.rows),
+    yield tuple(slice(None) for _ in shape), to_ours(rule.hook, read_block(reader, rule, rule.hf),
                                                      shape).astype(dtype, copy=False)
   return StreamedArray(shape, dtype, shape, whole)
 
