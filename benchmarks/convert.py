@@ -29,8 +29,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from convert import release_config  # noqa: E402
-from convert.release_tables import hf_tensor_shapes, rules_for  # noqa: E402
+from convert.engine import hf_tensor_shapes  # noqa: E402
 from convert.safetensors_io import TensorSpec, write_sharded  # noqa: E402
+from convert.tables.molmo_release import rules_for  # noqa: E402
 from molmo_jax import config as C  # noqa: E402
 
 _CHILD = """

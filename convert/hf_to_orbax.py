@@ -31,7 +31,6 @@ import dataclasses
 import math
 import shutil
 import sys
-import time
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -44,10 +43,12 @@ from etils import epath
 # orbax-checkpoint 0.12.x by pyproject), so the result restores with the standard handlers.
 from orbax.checkpoint._src.serialization import ocdbt_utils, tensorstore_utils
 
-from convert import release_config
-from convert.release_tables import (COPY, Rule, check_rules_match, hf_tensor_shapes, row_splittable,
-                                    rules_for, to_ours, transpose)
+from convert import conversion_cli, release_config
+from convert.conversion_cli import OUT_DTYPES
+from convert.engine import (COPY, Rule, check_rules_match, hf_tensor_shapes, read_block,
+                            row_splittable, set_leaf, to_ours, transpose)
 from convert.safetensors_io import INDEX_FILE, SafetensorsDir
+from convert.tables.molmo_release import rules_for
 from molmo_jax import errors
 from molmo_jax.config import MolmoConfig
 from molmo_jax.errors import UserError
@@ -56,7 +57,6 @@ from molmo_jax.progress import progress
 
 DEFAULT_BLOCK_BYTES = 64 * 2**20     # row blocks of large tables; also the in-flight write budget
 FLOAT_CODES = ("F32", "BF16", "F16")
-OUT_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(jax.numpy.bfloat16)}
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5", ".gguf")
 Index = tuple[slice, ...]
 
@@ -198,7 +198,7 @@ def model_leaf_shapes(cfg: MolmoConfig) -> dict[str, tuple[int, ...]]:
 def _stacked_blocks(reader: SafetensorsDir, rule: Rule, layer_shape, dtype):
   def blocks():
     for i, name in enumerate(rule.hf_names()):
-      yield (slice(i, i + 1),), to_ours(rule.hook, reader.read(name, rule.rows), layer_shape
+      yield (slice(i, i + 1),), to_ours(rule.hook, read_block(reader, rule, name), layer_shape
                                         ).astype(dtype, copy=False)[None]
   return blocks
 
@@ -235,24 +235,16 @@ def streamed_leaf(reader: SafetensorsDir, rule: Rule, shape: tuple[int, ...], dt
     return StreamedArray(shape, dtype, block_shape, _row_blocks(reader, rule, rows, dtype))
 
   def whole():
-    yield tuple(slice(None) for _ in shape), to_ours(rule.hook, reader.read(rule.hf, rule.rows),
+    yield tuple(slice(None) for _ in shape), to_ours(rule.hook, read_block(reader, rule, rule.hf),
                                                      shape).astype(dtype, copy=False)
   return StreamedArray(shape, dtype, shape, whole)
 
 
-def _set_leaf(tree: dict, path: str, value) -> None:
-  *parents, leaf = path.split("/")
-  for key in parents:
-    tree = tree.setdefault(key, {})
-  tree[leaf] = value
-
-
 def resolve_dtype(requested: str, reader: SafetensorsDir) -> np.dtype:
   """`auto` keeps a uniform float32/bfloat16 source; anything else becomes float32."""
-  if requested in OUT_DTYPES:
-    return OUT_DTYPES[requested]
-  if requested != "auto":
-    raise ValueError(f"dtype: expected auto, float32 or bfloat16, got {requested!r}")
+  chosen = conversion_cli.requested_dtype(requested)
+  if chosen is not None:
+    return chosen
   codes = {t.dtype for t in reader.tensors.values()}
   return OUT_DTYPES["bfloat16"] if codes == {"BF16"} else OUT_DTYPES["float32"]
 
@@ -318,7 +310,7 @@ def convert_hf_to_orbax(hf_dir: str | Path, out_dir: str | Path, *, dtype: str =
     blocks = _counted_blocks(leaf.blocks, bar)
     if check_interrupt is not None:
       blocks = _checked_blocks(blocks, check_interrupt)
-    _set_leaf(tree, path, dataclasses.replace(leaf, blocks=blocks))
+    set_leaf(tree, path, dataclasses.replace(leaf, blocks=blocks))
 
   with staged_directory(out_dir) as staging:
     save_streamed_pytree(staging / "params", tree, inflight_bytes=block_bytes)
@@ -333,27 +325,17 @@ def convert_hf_to_orbax(hf_dir: str | Path, out_dir: str | Path, *, dtype: str =
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = errors.ArgumentParser(prog="python -m convert.hf_to_orbax", description=__doc__)
-  parser.add_argument("hf_dir", help="released Molmo directory: config.json, *.safetensors, tokenizer")
-  parser.add_argument("out_dir", help="model directory to create")
-  parser.add_argument("--dtype", default="auto", choices=["auto", *OUT_DTYPES],
-                      help="dtype of the written parameters (auto: as stored)")
-  parser.add_argument("--name", default=None, help="MolmoConfig.name (default: preset or dir name)")
-  parser.add_argument("--overwrite", action="store_true",
-                      help="replace OUT_DIR if it is a model directory (after the new one is complete)")
-  parser.add_argument("--force", action="store_true",
-                      help="replace OUT_DIR whatever it holds (never the source or a folder around it)")
+  parser = conversion_cli.converter_parser(
+      "python -m convert.hf_to_orbax", __doc__, source="hf_dir",
+      source_help="released Molmo directory: config.json, *.safetensors, tokenizer",
+      out_help="model directory to create", written="parameters", out_kind="a model directory",
+      options=[("--name", dict(default=None, help="MolmoConfig.name (default: preset or dir name)"))])
   args = parser.parse_args(argv)
-  jax.config.update("jax_platforms", "cpu")   # conversion needs no accelerator
-  start = time.perf_counter()
-  with errors.deferred_interrupt("conversion interrupted") as interrupt:
-    out = convert_hf_to_orbax(args.hf_dir, args.out_dir, dtype=args.dtype, name=args.name,
-                              overwrite=args.overwrite, force=args.force,
-                              check_interrupt=interrupt.check)
-  seconds = time.perf_counter() - start
-  size = SafetensorsDir(args.hf_dir).total_bytes
-  print(f"wrote {out} in {seconds:.1f} s ({size / 2**20 / seconds:.1f} MiB/s of safetensors read)")
-  return 0
+  return conversion_cli.run_conversion(
+      lambda check_interrupt: convert_hf_to_orbax(
+          args.hf_dir, args.out_dir, dtype=args.dtype, name=args.name, overwrite=args.overwrite,
+          force=args.force, check_interrupt=check_interrupt),
+      lambda out: SafetensorsDir(args.hf_dir).total_bytes, "read")
 
 
 def run() -> None:

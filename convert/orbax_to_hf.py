@@ -22,18 +22,18 @@ import json
 import math
 import shutil
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
-import jax
 import numpy as np
 import tensorstore as ts
 
-from convert import release_config
-from convert.hf_to_orbax import DEFAULT_BLOCK_BYTES, OUT_DTYPES, model_leaf_shapes
-from convert.release_tables import COPY, Rule, fused_groups, row_splittable, rules_for, to_hf, transpose
-from convert.safetensors_io import DEFAULT_MAX_SHARD_BYTES, TensorSpec, write_sharded
+from convert import conversion_cli, release_config
+from convert.conversion_cli import OUT_DTYPES
+from convert.engine import COPY, Rule, fused_groups, row_splittable, to_hf, transpose
+from convert.hf_to_orbax import DEFAULT_BLOCK_BYTES, model_leaf_shapes
+from convert.safetensors_io import DEFAULT_MAX_SHARD_BYTES, INDEX_FILE, TensorSpec, write_sharded
+from convert.tables.molmo_release import rules_for
 from molmo_jax import errors
 from molmo_jax.model_dir import locate_model
 from molmo_jax.output_dirs import check_output_target, is_release_directory, staged_directory
@@ -157,10 +157,10 @@ def _pieces(reader: _LeafReader, template: str, group: list[Rule], layer: int | 
 
 
 def _export_dtype(requested: str, params: OrbaxParams) -> np.dtype:
-  if requested in OUT_DTYPES:
-    return OUT_DTYPES[requested]
-  if requested != "auto":
-    raise ValueError(f"dtype: expected auto, float32 or bfloat16, got {requested!r}")
+  """`auto` keeps uniformly stored float32/bfloat16 leaves; anything else becomes float32."""
+  chosen = conversion_cli.requested_dtype(requested)
+  if chosen is not None:
+    return chosen
   stored = {params.dtype(p) for p in params.paths}
   if len(stored) == 1 and stored <= set(OUT_DTYPES.values()):
     return stored.pop()
@@ -228,33 +228,24 @@ def convert_orbax_to_hf(model_dir: str | Path, out_dir: str | Path, *, dtype: st
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = errors.ArgumentParser(prog="python -m convert.orbax_to_hf", description=__doc__)
-  parser.add_argument("model_dir", help="model directory (params/, config.json, tokenizer/) or a "
-                      "training workdir (its latest checkpoint unless --step)")
-  parser.add_argument("out_dir", help="release directory to create")
-  parser.add_argument("--dtype", default="auto", choices=["auto", *OUT_DTYPES],
-                      help="dtype of the written tensors (auto: as stored)")
-  parser.add_argument("--max-shard-gb", type=float, default=DEFAULT_MAX_SHARD_BYTES / 1e9,
-                      help="largest safetensors file, in GB")
-  parser.add_argument("--step", type=int, default=None,
-                      help="training step when model_dir is a training workdir (default: latest)")
-  parser.add_argument("--overwrite", action="store_true",
-                      help="replace OUT_DIR if it is a release directory (after the new one is complete)")
-  parser.add_argument("--force", action="store_true",
-                      help="replace OUT_DIR whatever it holds (never the source or a folder around it)")
+  parser = conversion_cli.converter_parser(
+      "python -m convert.orbax_to_hf", __doc__, source="model_dir",
+      source_help="model directory (params/, config.json, tokenizer/) or a training workdir (its "
+      "latest checkpoint unless --step)",
+      out_help="release directory to create", written="tensors", out_kind="a release directory",
+      options=[("--max-shard-gb", dict(type=float, default=DEFAULT_MAX_SHARD_BYTES / 1e9,
+                                       help="largest safetensors file, in GB")),
+               ("--step", dict(type=int, default=None, help="training step when model_dir is a "
+                               "training workdir (default: latest)"))])
   args = parser.parse_args(argv)
   if not args.max_shard_gb > 0:
     parser.error(f"--max-shard-gb: expected > 0, got {args.max_shard_gb}")
-  jax.config.update("jax_platforms", "cpu")   # conversion needs no accelerator
-  start = time.perf_counter()
-  with errors.deferred_interrupt("conversion interrupted") as interrupt:
-    out = convert_orbax_to_hf(args.model_dir, args.out_dir, dtype=args.dtype, step=args.step,
-                              max_shard_bytes=int(args.max_shard_gb * 1e9), overwrite=args.overwrite,
-                              force=args.force, check_interrupt=interrupt.check)
-  total = json.loads((out / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
-  seconds = time.perf_counter() - start
-  print(f"wrote {out} in {seconds:.1f} s ({total / 2**20 / seconds:.1f} MiB/s of safetensors written)")
-  return 0
+  return conversion_cli.run_conversion(
+      lambda check_interrupt: convert_orbax_to_hf(
+          args.model_dir, args.out_dir, dtype=args.dtype, step=args.step,
+          max_shard_bytes=int(args.max_shard_gb * 1e9), overwrite=args.overwrite, force=args.force,
+          check_interrupt=check_interrupt),
+      lambda out: json.loads((out / INDEX_FILE).read_text())["metadata"]["total_size"], "written")
 
 
 def run() -> None:

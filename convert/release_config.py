@@ -26,11 +26,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-from convert.release_tables import (DENSE_FIXED, DENSE_MAPPED, FLAT_MAPPED, FLAT_RELEASE, IGNORED,
-                                    LLM_ALIASES, MOE_KEYS, MUST_EQUAL, NATIVE_MAPPED,
-                                    PREPROCESSOR_IGNORED,
-                                    PREPROCESSOR_MAPPED, PREPROCESSOR_RELEASE_EXTRA,
-                                    VISION_MAPPED, VISION_RELEASE_EXTRA)
+from convert.tables.molmo_release import (DENSE_FIXED, DENSE_MAPPED, FLAT_MAPPED, FLAT_RELEASE,
+                                          IGNORED, LLM_ALIASES, MOE_KEYS, MUST_EQUAL, NATIVE_MAPPED,
+                                          PREPROCESSOR_IGNORED, PREPROCESSOR_MAPPED,
+                                          PREPROCESSOR_RELEASE_EXTRA, VISION_MAPPED,
+                                          VISION_RELEASE_EXTRA)
 from molmo_jax.config import (PRESETS, ConnectorConfig, LLMConfig, MolmoConfig, PreprocessConfig,
                               VisionConfig)
 

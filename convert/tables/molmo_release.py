@@ -1,23 +1,20 @@
-"""Tables of the released Molmo checkpoints: tensor names/shapes (the released safetensors names (olmo/hf_molmo.py); released fused tensor layouts (olmo/hf_molmo.py)), config keys (the released config.json).
+"""The released Molmo checkpoints (the reference's olmo/hf_molmo.py): tensor names, shapes and
+fused layouts of every part (both directions: import and export), and the config.json keys of
+the two release schemas (the released config.json files).
 
 Legend: L LLM layers, Lv ViT layers, D LLM width, H/K query/kv heads, h head dim, F MLP width per
 SwiGLU branch, E experts, Fe expert width, V_emb pretrained embedding rows, A additional rows,
 Dv ViT width, Hv/hv ViT heads/head dim, Fv ViT MLP width, C patch values (p*p*3), S ViT positions,
 Dc connector input width (Dv x selected layers), Hp/hp pooling heads/head dim, Fp projector width.
 
-One `Rule` = one leaf of our parameter tree and the HF tensor it comes from. `{i}` in the HF name
-is the layer; stacked rules put layer i at index i of our leading axis (the scanned layout).
-Several rules may share one fused HF tensor, each owning a row range of it:
+Rules (convert.engine) name whole-model paths ("llm/blocks/..."); our leaf shapes come from the
+model's parameter tree (`check_rules_match`). Fused tensors, each leaf owning a row block:
 
   att_proj [Q (H*h) | K (K*h) | V (K*h), D]   -> query / key / value        (bias the same way)
   ff_proj  [up (F) | gate (F), D]             -> mlp/up, mlp/gate           (UP FIRST)
 
-Transform hooks (HF per-layer slice x -> our per-layer leaf y, and back):
-
-  copy          y = x.reshape(ours)                 biases [H*h] -> [H, h], norms, embeddings
-  linear        y = x.T.reshape(ours)               torch [out, in] -> [in, *out] or [*in, out]
-  experts_in    y = x.reshape(E, Fe, D).transpose(0, 2, 1)   megablocks w1 / v1 -> [E, D, Fe]
-  experts_down  y = x.reshape(E, Fe, D)             megablocks w2 is stored as [Fe, D] per expert
+Megablocks experts: w1 / v1 [E*Fe, D] -> gate / up [E, D, Fe] (experts_linear); w2 is stored
+as [Fe, D] per expert, which is already our down [E, Fe, D] (copy).
 
 Both families (dense `molmo` schema: 7B-D, 72B, 7B-O; flat OLMo-style `molmoe` schema: MolmoE-1B)
 share the vision tower and connector names.
@@ -25,46 +22,8 @@ share the vision tower and connector names.
 
 from __future__ import annotations
 
-import dataclasses
-import math
-
-import numpy as np
-
+from convert.engine import COPY, EXPERTS_LINEAR, LINEAR, Rule, split_rules
 from molmo_jax.config import MolmoConfig
-
-COPY, LINEAR, EXPERTS_IN, EXPERTS_DOWN = "copy", "linear", "experts_in", "experts_down"
-HOOKS = (COPY, LINEAR, EXPERTS_IN, EXPERTS_DOWN)
-
-
-@dataclasses.dataclass(frozen=True)
-class Rule:
-  ours: str                                  # '/'-separated path in our tree
-  hf: str                                    # HF tensor name; '{i}' = layer when stacked
-  hf_shape: tuple[int, ...]                  # per-layer shape of the whole (maybe fused) HF tensor
-  hook: str = COPY
-  layers: int = 0                            # stacked layers on our axis 0 (0 = not stacked)
-  rows: tuple[int, int] | None = None        # this leaf's rows of a fused HF tensor
-
-  def hf_names(self) -> list[str]:
-    return [self.hf.format(i=i) for i in range(self.layers)] if self.layers else [self.hf]
-
-  @property
-  def slice_shape(self) -> tuple[int, ...]:
-    """Per-layer shape of the HF rows this rule reads."""
-    if self.rows is None:
-      return self.hf_shape
-    return (self.rows[1] - self.rows[0],) + self.hf_shape[1:]
-
-
-def _split(ours_and_sizes: list[tuple[str, int]], hf: str, rest: tuple[int, ...], hook: str,
-           layers: int) -> list[Rule]:
-  """Rules for the consecutive row blocks of one fused HF tensor."""
-  total = sum(size for _, size in ours_and_sizes)
-  rules, start = [], 0
-  for ours, size in ours_and_sizes:
-    rules.append(Rule(ours, hf, (total,) + rest, hook, layers, (start, start + size)))
-    start += size
-  return rules
 
 
 def vision_rules(cfg: MolmoConfig) -> list[Rule]:
@@ -142,9 +101,9 @@ def llm_rules(cfg: MolmoConfig) -> list[Rule]:
   ]
   qkv = [("llm/blocks/attention/query/{}", q), ("llm/blocks/attention/key/{}", kv),
          ("llm/blocks/attention/value/{}", kv)]
-  rules += _split([(o.format("kernel"), s) for o, s in qkv], b + "att_proj.weight", (d,), LINEAR, n)
+  rules += split_rules([(o.format("kernel"), s) for o, s in qkv], b + "att_proj.weight", (d,), LINEAR, n)
   if m.qkv_bias:
-    rules += _split([(o.format("bias"), s) for o, s in qkv], b + "att_proj.bias", (), COPY, n)
+    rules += split_rules([(o.format("bias"), s) for o, s in qkv], b + "att_proj.bias", (), COPY, n)
   if m.qk_norm:
     rules += [Rule("llm/blocks/attention/q_norm/scale", b + "q_norm.weight", (q,), COPY, n),
               Rule("llm/blocks/attention/k_norm/scale", b + "k_norm.weight", (kv,), COPY, n)]
@@ -152,12 +111,12 @@ def llm_rules(cfg: MolmoConfig) -> list[Rule]:
     e, fe = m.num_experts, m.expert_mlp_dim
     x = b + "ffn.experts.mlp."
     rules += [Rule("llm/blocks/moe/router", b + "ffn.router.layer.weight", (e, d), LINEAR, n),
-              Rule("llm/blocks/moe/gate", x + "w1", (e * fe, d), EXPERTS_IN, n),
-              Rule("llm/blocks/moe/up", x + "v1", (e * fe, d), EXPERTS_IN, n),
-              Rule("llm/blocks/moe/down", x + "w2", (e * fe, d), EXPERTS_DOWN, n)]
+              Rule("llm/blocks/moe/gate", x + "w1", (e * fe, d), EXPERTS_LINEAR, n),
+              Rule("llm/blocks/moe/up", x + "v1", (e * fe, d), EXPERTS_LINEAR, n),
+              Rule("llm/blocks/moe/down", x + "w2", (e * fe, d), COPY, n)]
   else:
     f = m.mlp_dim
-    rules += _split([("llm/blocks/mlp/up/kernel", f), ("llm/blocks/mlp/gate/kernel", f)],
+    rules += split_rules([("llm/blocks/mlp/up/kernel", f), ("llm/blocks/mlp/gate/kernel", f)],
                     b + "ff_proj.weight", (d,), LINEAR, n)
     rules.append(Rule("llm/blocks/mlp/down/kernel", b + "ff_out.weight", (d, f), LINEAR, n))
   return rules
@@ -165,90 +124,6 @@ def llm_rules(cfg: MolmoConfig) -> list[Rule]:
 
 def rules_for(cfg: MolmoConfig) -> list[Rule]:
   return vision_rules(cfg) + connector_rules(cfg) + llm_rules(cfg)
-
-
-def hf_tensor_shapes(rules: list[Rule]) -> dict[str, tuple[int, ...]]:
-  """Every HF tensor the rules imply (fused ones once), in table order."""
-  shapes: dict[str, tuple[int, ...]] = {}
-  for rule in rules:
-    for name in rule.hf_names():
-      shapes.setdefault(name, rule.hf_shape)
-  return shapes
-
-
-def fused_groups(rules: list[Rule]) -> dict[str, list[Rule]]:
-  """HF name template -> the rules reading it, in row order (one rule unless fused)."""
-  groups: dict[str, list[Rule]] = {}
-  for rule in rules:
-    groups.setdefault(rule.hf, []).append(rule)
-  return {k: sorted(v, key=lambda r: r.rows or (0, 0)) for k, v in groups.items()}
-
-
-_TILE = 512
-_SAME_SIZE_UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
-
-
-def transpose(x: np.ndarray) -> np.ndarray:
-  """C-contiguous x.T of a [R, D] (or [E, R, D] -> [E, D, R]) array.
-
-  Tile by tile on an unsigned view of the same width: numpy's strided copy of a large transposed
-  view thrashes the cache, and ml_dtypes' bfloat16 has no fast copy loop.
-  """
-  if x.ndim == 3:
-    return np.stack([transpose(part) for part in x])
-  rows, cols = x.shape
-  src = x.view(_SAME_SIZE_UINT[x.dtype.itemsize]) if x.flags.c_contiguous else x
-  out = np.empty((cols, rows), src.dtype)
-  for r in range(0, rows, _TILE):
-    for c in range(0, cols, _TILE):
-      out[c:c + _TILE, r:r + _TILE] = src[r:r + _TILE, c:c + _TILE].T
-  return out.view(x.dtype)
-
-
-def to_ours(hook: str, x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-  """HF per-layer slice -> our per-layer leaf of `shape`."""
-  if hook == COPY or hook == EXPERTS_DOWN:
-    return x.reshape(shape)
-  if hook == LINEAR:
-    return transpose(x).reshape(shape)
-  if hook == EXPERTS_IN:
-    e, d, f = shape
-    return transpose(x.reshape(e, f, d))
-  raise ValueError(f"unknown transform hook {hook!r}; expected one of {HOOKS}")
-
-
-def to_hf(hook: str, y: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-  """Our per-layer leaf -> HF per-layer slice of `shape` (inverse of `to_ours`)."""
-  if hook == COPY or hook == EXPERTS_DOWN:
-    return y.reshape(shape)
-  if hook == LINEAR:
-    return transpose(y.reshape(shape[::-1]))
-  if hook == EXPERTS_IN:
-    return transpose(y).reshape(shape)
-  raise ValueError(f"unknown transform hook {hook!r}; expected one of {HOOKS}")
-
-
-def row_splittable(rule: Rule, shape: tuple[int, ...]) -> bool:
-  """Whether a whole 2-D HF table maps its row blocks onto our rows (copy) or columns (linear),
-  so a large one (embeddings, LM head) can be streamed in blocks."""
-  return (rule.layers == 0 and rule.rows is None and len(shape) == 2 and
-          ((rule.hook == COPY and shape == rule.hf_shape) or
-           (rule.hook == LINEAR and shape == rule.hf_shape[::-1])))
-
-
-def check_rules_match(rules: list[Rule], ours_shapes: dict[str, tuple[int, ...]]) -> None:
-  """The table must produce exactly our model's leaves with their shapes (a config the table
-  cannot express fails here, before any tensor is read)."""
-  by_path = {r.ours: r for r in rules}
-  problems = sorted(set(ours_shapes) ^ set(by_path))
-  for path in sorted(set(ours_shapes) & set(by_path)):
-    rule, want = by_path[path], ours_shapes[path]
-    layer_shape = want[1:] if rule.layers else want
-    if (rule.layers and want[:1] != (rule.layers,)) or \
-        math.prod(rule.slice_shape) != math.prod(layer_shape):
-      problems.append(f"{path}: table implies {rule.slice_shape} x {rule.layers or 1}, model has {want}")
-  if problems:
-    raise ValueError(f"release tables do not match the model's parameter tree: {problems[:10]}")
 
 
 # ------------------------------------------------------------------------------------------
