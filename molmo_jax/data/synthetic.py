@@ -413,28 +413,32 @@ class SyntheticSource:
   def __len__(self) -> int:
     return self.num_examples
 
-  def __getitem__(self, index) -> dict:
+  def _checked_index(self, index) -> int:
     index = int(index)
     if index < 0:
       index += self.num_examples
     if not 0 <= index < self.num_examples:
       raise IndexError(f"index {index} out of range for a SyntheticSource of {self.num_examples} examples")
-    scene = generate_scene(index, self.stream_seed, self.config)
-    rng = np.random.default_rng([self.stream_seed, index, 1])
+    return index
+
+  def _question(self, scene: SyntheticScene, index: int, k: int = 0) -> dict:
+    """Question k about scene `index`, drawn from its own stream [seed, index, 1 + k]."""
+    rng = np.random.default_rng([self.stream_seed, index, 1 + k])
     return build_example(scene, self.task, rng, self.config)
+
+  def __getitem__(self, index) -> dict:
+    index = self._checked_index(index)
+    return self._question(generate_scene(index, self.stream_seed, self.config), index)
 
   def conversations(self, index) -> tuple[dict, list[list[dict[str, str]]]]:
     """Item `index` and `config.questions_per_scene` conversations about its scene: the item's
     own first, then further questions drawn from their own streams ([seed, index, 1 + k])."""
-    item = self[index]
-    index = int(index) % max(1, self.num_examples)
-    conversations = [item["messages"]]
-    if self.config.questions_per_scene > 1:
-      scene = generate_scene(index, self.stream_seed, self.config)
-      for k in range(1, self.config.questions_per_scene):
-        rng = np.random.default_rng([self.stream_seed, index, 1 + k])
-        conversations.append(build_example(scene, self.task, rng, self.config)["messages"])
-    return item, conversations
+    index = self._checked_index(index)
+    scene = generate_scene(index, self.stream_seed, self.config)
+    item = self._question(scene, index)
+    extra = [self._question(scene, index, k)["messages"]
+             for k in range(1, self.config.questions_per_scene)]
+    return item, [item["messages"], *extra]
 
   def __repr__(self) -> str:
     # grain keys checkpoints of the iterator state by the source's repr.

@@ -39,16 +39,21 @@ import jax.numpy as jnp
 SUM_KEYS = ("ce_sum", "z_sum", "weight_sum", "token_count", "correct_count", "out_of_range_count")
 
 
-def _check_shapes(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> None:
-  if logits.ndim != 3:
-    raise ValueError(f"logits: expected [B, T, V], got shape {logits.shape}")
-  if targets.shape != logits.shape[:2]:
-    raise ValueError(f"targets: expected shape {logits.shape[:2]} (the [B, T] of logits), "
+def _check_targets(targets: jax.Array, weights: jax.Array, batch_shape: tuple, source: str) -> None:
+  """targets [B, T] integer and weights [B, T], where [B, T] = batch_shape comes from `source`."""
+  if targets.shape != batch_shape:
+    raise ValueError(f"targets: expected shape {batch_shape} (the [B, T] of {source}), "
                      f"got {targets.shape}")
   if weights.shape != targets.shape:
     raise ValueError(f"weights: expected the shape of targets {targets.shape}, got {weights.shape}")
   if not jnp.issubdtype(targets.dtype, jnp.integer):
     raise ValueError(f"targets: expected an integer dtype, got {targets.dtype}")
+
+
+def _check_shapes(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> None:
+  if logits.ndim != 3:
+    raise ValueError(f"logits: expected [B, T, V], got shape {logits.shape}")
+  _check_targets(targets, weights, logits.shape[:2], "logits")
 
 
 def _effective_weights(targets: jax.Array, weights: jax.Array, vocab_size: int) -> jax.Array:
@@ -213,13 +218,7 @@ def chunked_loss_sums(hidden: jax.Array, lm_head: jax.Array, targets: jax.Array,
   if hidden.ndim != 3 or lm_head.ndim != 2 or lm_head.shape[0] != hidden.shape[-1]:
     raise ValueError(f"chunked_loss_sums: expected hidden [B, T, D] and lm_head [D, V], got "
                      f"{hidden.shape} and {lm_head.shape}")
-  if targets.shape != hidden.shape[:2]:
-    raise ValueError(f"targets: expected shape {hidden.shape[:2]} (the [B, T] of hidden), "
-                     f"got {targets.shape}")
-  if weights.shape != targets.shape:
-    raise ValueError(f"weights: expected the shape of targets {targets.shape}, got {weights.shape}")
-  if not jnp.issubdtype(targets.dtype, jnp.integer):
-    raise ValueError(f"targets: expected an integer dtype, got {targets.dtype}")
+  _check_targets(targets, weights, hidden.shape[:2], "hidden")
   if chunk_size < 1:
     raise ValueError(f"chunk_size: expected >= 1, got {chunk_size}")
   chunk = min(chunk_size, hidden.shape[1])
