@@ -262,3 +262,52 @@ def test_unrolled_layer_scans_give_the_same_logits_and_gradients(qwen2):
     np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
   with pytest.raises(ValueError, match="scan_unroll"):
     Molmo(cfg.replace(scan_unroll=0)).init(jax.random.PRNGKey(0), batch)
+
+
+def test_host_gemm_gradients_give_the_same_logits_and_gradients(qwen2):
+  # layers.host_gemm_gradients changes how the kernel gradients are computed (a GEMM on a
+  # transposed copy of the input), not what they are: full model, every parameter.
+  from molmo_jax.models import layers
+  cfg, params, batch = qwen2
+  model = Molmo(cfg)
+
+  def loss_and_grads(host):
+    def loss(p):
+      with layers.host_gemm_gradients(host):
+        return jnp.mean(jnp.square(model.apply({"params": p}, batch)[0]))
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+  (loss_a, grads_a), (loss_b, grads_b) = loss_and_grads(False), loss_and_grads(True)
+  np.testing.assert_allclose(loss_b, loss_a, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b)):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+  assert any(float(jnp.max(jnp.abs(g))) > 0 for g in jax.tree.leaves(grads_b))
+
+
+@pytest.mark.parametrize("heads,kv_heads,masked", [(4, 4, False), (4, 2, True), (6, 1, True)])
+def test_attention_equals_softmax_attention(heads, kv_heads, masked):
+  # dot_product_attention normalises after the value product; the function (values and
+  # gradients), including rows whose every key is masked (uniform weights), is softmax(qk/sqrt(h))v.
+  from molmo_jax.models.layers import dot_product_attention
+  b, t, s, h = 2, 5, 7, 8
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.normal(size=shape), jnp.float32)
+             for shape in ((b, t, heads, h), (b, s, kv_heads, h), (b, s, kv_heads, h)))
+  mask = None
+  if masked:
+    mask = jnp.asarray(rng.random((b, t, s)) < 0.6).at[0, 1].set(False)   # one fully masked row
+
+  def reference(q, k, v):
+    kk, vv = (jnp.repeat(x, heads // kv_heads, axis=2) for x in (k, v))
+    scores = jnp.einsum("bthd,bshd->bhts", q, kk) / np.sqrt(h)
+    if mask is not None:
+      scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
+    return jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(scores, axis=-1), vv)
+
+  ours = functools.partial(dot_product_attention, mask=mask)
+  np.testing.assert_allclose(ours(q, k, v), reference(q, k, v), rtol=1e-5, atol=1e-6)
+  cotangent = jnp.asarray(rng.normal(size=(b, t, heads, h)), jnp.float32)
+  grads = [jax.grad(lambda *a: jnp.sum(f(*a) * cotangent), argnums=(0, 1, 2))(q, k, v)
+           for f in (ours, reference)]
+  for a, r in zip(*grads):
+    np.testing.assert_allclose(a, r, rtol=1e-5, atol=1e-6)

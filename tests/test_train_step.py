@@ -267,6 +267,7 @@ def test_unknown_accelerator_asks_for_an_override():
     ("finetune_custom", "model=/ckpt/m,data=/d/train.jsonl"), ("tiny_test", "olmoe")])
 def test_recipes_build_valid_configs(module, arg):
   config = importlib.import_module(f"configs.{module}").get_config(arg)
+  experiment.import_recipe_plugins(config)   # as a run does: the synthetic source kind registers
   opt = OptimizerConfig.from_mapping({**config.optimizer.to_dict(), "total_steps": config.total_steps})
   data = experiment.data_config(config.data)
   assert data.seq_len == (256 if module == "tiny_test" else 2304)

@@ -42,6 +42,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from molmo_jax import sharding as sharding_lib
 from molmo_jax.config import MolmoConfig
+from molmo_jax.models import layers
 from molmo_jax.models.molmo import Molmo
 from molmo_jax.training.loss import (SUM_KEYS, chunked_loss_sums, loss_from_sums, loss_sums,
                                      loss_weight_sum)
@@ -353,8 +354,11 @@ class _TrainableSplit:
     return self.treedef.unflatten(leaves)
 
 
-def make_loss_fn(model: Molmo, labels: Any, step_cfg: StepConfig) -> Callable:
-  """(params, micro_batch, rng, normaliser) -> (loss, (sums, aux)); gradients add over pieces."""
+def make_loss_fn(model: Molmo, labels: Any, step_cfg: StepConfig, host_gemm: bool = False) -> Callable:
+  """(params, micro_batch, rng, normaliser) -> (loss, (sums, aux)); gradients add over pieces.
+
+  host_gemm: kernel gradients as plain GEMMs on a transposed copy of the input
+  (`layers.host_gemm_gradients`; for CPU meshes)."""
   del labels
   llm = model.config.llm
   vocab = llm.embedding_size
@@ -362,6 +366,10 @@ def make_loss_fn(model: Molmo, labels: Any, step_cfg: StepConfig) -> Callable:
   compute_dtype = jnp.dtype(model.config.dtype)
 
   def loss_fn(params, batch, rng, normaliser):
+    with layers.host_gemm_gradients(host_gemm):
+      return _loss(params, batch, rng, normaliser)
+
+  def _loss(params, batch, rng, normaliser):
     # The chunked loss applies the plain LM-head kernel itself; a model whose LLM carries LoRA
     # adapters (or a quantized head) keeps the model's own logits.
     head = params["llm"].get("lm_head") if isinstance(params.get("llm"), dict) else None
@@ -400,7 +408,10 @@ def make_train_step(model: Molmo, optimizer: MolmoOptimizer, mesh: Mesh, state_s
   check_batch_spec(spec, mesh, step_cfg.micro_batches)
   micro = step_cfg.micro_batches
   vocab = model.config.llm.embedding_size
-  loss_fn = make_loss_fn(model, optimizer.labels, step_cfg)
+  # On CPU meshes the kernel gradients run as plain GEMMs (layers.host_gemm_gradients); an
+  # accelerator mesh, or a compile-only TPU topology, keeps XLA's fused transposed dots.
+  host_gemm = all(d.platform == "cpu" for d in mesh.devices.flat)
+  loss_fn = make_loss_fn(model, optimizer.labels, step_cfg, host_gemm)
   split = _TrainableSplit(optimizer.labels)
 
   def split_loss(trainable, frozen, batch, rng, normaliser):
