@@ -13,6 +13,14 @@ demo's trained model) its own tokenizer is used.
 
 KL = mean over scored positions of KL(p_float || p_quantized) in nats. Prints a table and writes
 benchmarks/results/quantize.json (or --json PATH).
+
+With `--scores RECIPE` (a demo-trained --checkpoint and the demo recipe it was trained with) it
+also runs the demo's held-out evaluation (`molmo_jax.demo.evaluate_demo`: counting accuracy,
+pointing F1, on `--scores-examples` scenes per task drawn as RECIPE draws them) for the float
+model and every mode, each with float32 and bfloat16 compute:
+
+    python benchmarks/quantize.py --checkpoint outputs/demo-pointing/model \
+        --scores configs/demo_pointing.py --modes int8
 """
 
 from __future__ import annotations
@@ -61,6 +69,7 @@ def load_model(checkpoint: str | None):
 
 
 def batches(cfg, tokenizer, count: int, batch_size: int, seq_len: int):
+  from molmo_jax.data import synthetic  # noqa: F401 (registers the 'synthetic' source kind)
   from molmo_jax.data.pipeline import DataConfig, make_train_iterator
   data_cfg = DataConfig.from_dict({
       "sources": [{"name": "shapes", "kind": "synthetic",
@@ -89,6 +98,32 @@ def compare(reference: np.ndarray, quantized: np.ndarray, weights: np.ndarray) -
           "agree": int(jnp.sum(agree)), "positions": int(mask.sum())}
 
 
+def demo_scores(checkpoint: str, recipe: str, modes, examples: int, out_dir: Path) -> list[dict]:
+  """Held-out counting / pointing of the float model and each quantized mode (float32 and
+  bfloat16 compute), scored by the demo's evaluation on the recipe's scenes."""
+  from molmo_jax import experiment
+  from molmo_jax.data.synthetic import SyntheticConfig
+  from molmo_jax.demo import evaluate_demo
+  from molmo_jax.evals import synthetic_tasks  # noqa: F401 (registers synthetic_count / _points)
+  from molmo_jax.predictor import Predictor
+  config = experiment.load_recipe(recipe)
+  sources = [s for s in config.data.sources.values() if s.get("kind") == "synthetic"]
+  if not sources:
+    raise SystemExit(f"error: --scores {recipe}: the recipe has no 'synthetic' data source")
+  scenes = dict(sources[0].get("options", {}).get("config", {}))
+  scene_config = SyntheticConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in scenes.items()})
+  rows = []
+  for mode in [None, *modes]:
+    name = "float" if mode is None else mode.mode + ("+vit" if mode.vit else "")
+    for dtype in ("float32", "bfloat16"):
+      predictor = Predictor.from_checkpoint(checkpoint, dtype=dtype, quantize=mode)
+      scores = evaluate_demo(predictor, out_dir / f"{name}-{dtype}", f"{name}/{dtype}", examples, 16,
+                             scene_config, quiet=True)
+      rows.append({"mode": name, "compute": dtype,
+                   **{k: v for k, v in scores.items() if not isinstance(v, dict)}})
+  return rows
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--checkpoint", default=None, help="model directory (default: tiny random model)")
@@ -96,8 +131,13 @@ def main(argv=None) -> int:
   p.add_argument("--batches", type=int, default=4)
   p.add_argument("--batch-size", type=int, default=8)
   p.add_argument("--seq-len", type=int, default=256)
+  p.add_argument("--scores", default=None, metavar="RECIPE",
+                 help="also score held-out counting/pointing with RECIPE's scenes (a demo model)")
+  p.add_argument("--scores-examples", type=int, default=200, help="held-out scenes per task")
   p.add_argument("--json", default=str(RESULTS))
   args = p.parse_args(argv)
+  if args.scores and not args.checkpoint:
+    p.error("--scores needs --checkpoint (a model trained by the demo with that recipe)")
   modes = [Q.from_mapping(m) for m in args.modes.split(",") if m]
 
   cfg, params, tokenizer, where = load_model(args.checkpoint)
@@ -135,6 +175,18 @@ def main(argv=None) -> int:
           f"{100 * r['top1_agreement']:11.2f}% {r['param_bytes'] / r['float_param_bytes']:11.1%}")
   out = {"model": where, "config": cfg.name, "batches": args.batches, "batch_size": args.batch_size,
          "seq_len": args.seq_len, "backend": jax.default_backend(), "rows": rows}
+  if args.scores:
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+      scores = demo_scores(args.checkpoint, args.scores, modes, args.scores_examples, Path(tmp))
+    print(f"\nheld-out scenes ({args.scores_examples} per task, scenes of {args.scores})")
+    print(f"{'mode':10s} {'compute':9s} {'counting':>9s} {'2-3 objects':>12s} {'pointing F1':>12s} "
+          f"{'F1 with objects':>16s}")
+    for r in scores:
+      print(f"{r['mode']:10s} {r['compute']:9s} {r['count_accuracy']:9.3f} "
+            f"{r.get('count_accuracy_2_or_more', float('nan')):12.3f} {r['pointing_f1']:12.3f} "
+            f"{r.get('pointing_f1_with_objects', float('nan')):16.3f}")
+    out["scores"] = {"recipe": args.scores, "examples_per_task": args.scores_examples, "rows": scores}
   Path(args.json).parent.mkdir(parents=True, exist_ok=True)
   Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
   print(f"wrote {args.json}")
