@@ -31,7 +31,7 @@ RESULTS = ROOT / "benchmarks" / "results" / "lora_int8_planner.json"
 HBM_LIMIT = 0.90
 
 
-def lora_point(topology: str, micro: int, rank: int = 64) -> dict:
+def lora_point(topology: str, micro: int, rank: int = 64, tensor: int = 1) -> dict:
   from molmo_jax import experiment
   from molmo_jax.training import aot
   config = experiment.load_recipe(f"{ROOT / 'configs/finetune_multitask.py'}:model=molmo-72b")
@@ -42,8 +42,8 @@ def lora_point(topology: str, micro: int, rank: int = 64) -> dict:
   config.lora.train = ("connector",)
   config.lora.base_dtype = "bfloat16"
   _, chips = aot.parse_topology(topology)
-  report = aot.compile_train_step(config, topology, {"data": 1, "fsdp": chips, "tensor": 1,
-                                                     "expert": 1})
+  report = aot.compile_train_step(config, topology, {"data": 1, "fsdp": chips // tensor,
+                                                     "tensor": tensor, "expert": 1})
   return {"kind": "lora_train_step", "model": "molmo-72b", "rank": rank, "micro_batches": micro,
           "global_batch": 256, "seq_len": 2304, "base_dtype": "bfloat16",
           **{k: v for k, v in report.to_json().items() if k != "param_sharding"}}
@@ -66,6 +66,8 @@ def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--points", default="int8-v5e,lora-v5p,lora-v6e")
   p.add_argument("--micro", type=int, default=32, help="micro-batches of the LoRA step")
+  p.add_argument("--tensor", type=int, default=1,
+                 help="LoRA points: tensor-parallel ways (the rest of the slice is fsdp)")
   p.add_argument("--prefill-rows", type=int, default=1, help="prefill rows per pass (int8 point)")
   p.add_argument("--param-layouts", choices=["default", "auto"], default="auto",
                  help="int8 point: weights in XLA's default layouts or in the compiler's choice "
@@ -75,20 +77,21 @@ def main(argv=None) -> int:
   out = Path(args.out)
   results = json.loads(out.read_text()) if out.is_file() else {}
   for name in [n for n in args.points.split(",") if n]:
+    key = name if args.tensor == 1 or not name.startswith("lora") else f"{name}-tensor{args.tensor}"
     if name == "lora-v5p":
-      point = lora_point("v5p:2x2x2", args.micro)
+      point = lora_point("v5p:2x2x2", args.micro, tensor=args.tensor)
     elif name == "lora-v6e":
-      point = lora_point("v6e:2x4", args.micro)
+      point = lora_point("v6e:2x4", args.micro, tensor=args.tensor)
     elif name == "int8-v5e":
       point = int8_point("v5e:2x4", args.prefill_rows, args.param_layouts)
     else:
       raise SystemExit(f"error: unknown point {name!r}")
     point["fits_90"] = bool(point["error"] is None and point["hbm_fraction"] <= HBM_LIMIT)
-    results[name] = point
+    results[key] = point
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
     gib = point["total_bytes"] / 2 ** 30
-    print(f"{name}: {point['topology']} mesh {point['mesh']} -> "
+    print(f"{key}: {point['topology']} mesh {point['mesh']} -> "
           + (f"DOES NOT FIT ({point['error']})" if point["error"] else
              f"{gib:.2f} GiB per chip ({100 * point['hbm_fraction']:.1f} % of HBM), "
              f"{'fits' if point['fits_90'] else 'over 90 %'}; compile {point['compile_seconds']:.0f} s"),

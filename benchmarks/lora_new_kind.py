@@ -12,7 +12,7 @@ only the language-modelling loss. It then scores, on held-out scenes that contai
 colour (so every question asks about the new kind):
 
   * the base model, the base + adapters (merged into a model directory by `molmo_jax.lora`) and
-    the chance levels of the same scenes (`molmo_jax.demo.chance_levels`);
+    the chance levels of the same scenes (`molmo_jax.evals.synthetic_scores`);
   * the same two models on the recipe's own scenes (what the adapters cost on the old kinds).
 
 and the adapter directory's bytes against the base model's parameter bytes. Prints a table and
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import sys
@@ -59,24 +60,19 @@ def directory_bytes(path: Path) -> int:
   return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def scene_config_of(config):
-  from molmo_jax.data.synthetic import SyntheticConfig
-  scenes = dict(config.data.sources.shapes.options.config)
-  return SyntheticConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in scenes.items()})
-
-
 def main(argv=None) -> int:
   args = parse_args(argv)
   import dataclasses
   from molmo_jax import experiment
   from molmo_jax import lora as lora_lib
   from molmo_jax.data.synthetic import PALETTE
-  from molmo_jax.demo import _quiet_logs, chance_levels, evaluate_demo
-  from molmo_jax.evals import synthetic_tasks  # noqa: F401 (registers synthetic_count / _points)
+  from molmo_jax.evals.synthetic_scores import chance_levels, recipe_scenes, score_scenes
   from molmo_jax.predictor import Predictor
   from molmo_jax.training import loop
 
-  _quiet_logs()
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+  for name in ("absl", "orbax", "jax", "grain", "molmo_jax.data"):
+    logging.getLogger(name).setLevel(logging.WARNING)
   base = Path(args.base).absolute()
   if not (base / "config.json").is_file():
     raise SystemExit(f"error: --base {args.base}: not a model directory (no config.json); train one "
@@ -84,7 +80,7 @@ def main(argv=None) -> int:
   if args.new_colour not in PALETTE:
     raise SystemExit(f"error: --new-colour: expected one of {sorted(PALETTE)}, got {args.new_colour!r}")
   config = experiment.load_recipe(f"{args.recipe}:steps={args.steps},batch={args.batch}")
-  old_scenes = scene_config_of(config)
+  old_scenes = recipe_scenes(config)
   if args.new_colour in old_scenes.colours:
     raise SystemExit(f"error: --new-colour {args.new_colour}: the recipe's scenes already use it "
                      f"(colours {old_scenes.colours})")
@@ -127,7 +123,7 @@ def main(argv=None) -> int:
   for tag, model_dir in (("base", base), ("lora", merged)):
     predictor = Predictor.from_checkpoint(model_dir)
     for scenes_tag, scenes in (("new_kind", new_scenes), ("old_kinds", old_scenes)):
-      report[f"{tag}_{scenes_tag}"] = evaluate_demo(
+      report[f"{tag}_{scenes_tag}"] = score_scenes(
           predictor, workdir / f"eval-{tag}-{scenes_tag}", f"{tag}/{scenes_tag}",
           args.eval_examples, 16, scenes)
 

@@ -15,7 +15,7 @@ KL = mean over scored positions of KL(p_float || p_quantized) in nats. Prints a 
 benchmarks/results/quantize.json (or --json PATH).
 
 With `--scores RECIPE` (a demo-trained --checkpoint and the demo recipe it was trained with) it
-also runs the demo's held-out evaluation (`molmo_jax.demo.evaluate_demo`: counting accuracy,
+also runs the demo's held-out evaluation (`molmo_jax.evals.synthetic_scores.score_scenes`: counting accuracy,
 pointing F1, on `--scores-examples` scenes per task drawn as RECIPE draws them) for the float
 model and every mode, each with float32 and bfloat16 compute:
 
@@ -102,23 +102,19 @@ def demo_scores(checkpoint: str, recipe: str, modes, examples: int, out_dir: Pat
   """Held-out counting / pointing of the float model and each quantized mode (float32 and
   bfloat16 compute), scored by the demo's evaluation on the recipe's scenes."""
   from molmo_jax import experiment
-  from molmo_jax.data.synthetic import SyntheticConfig
-  from molmo_jax.demo import evaluate_demo
-  from molmo_jax.evals import synthetic_tasks  # noqa: F401 (registers synthetic_count / _points)
+  from molmo_jax.evals.synthetic_scores import recipe_scenes, score_scenes
   from molmo_jax.predictor import Predictor
-  config = experiment.load_recipe(recipe)
-  sources = [s for s in config.data.sources.values() if s.get("kind") == "synthetic"]
-  if not sources:
-    raise SystemExit(f"error: --scores {recipe}: the recipe has no 'synthetic' data source")
-  scenes = dict(sources[0].get("options", {}).get("config", {}))
-  scene_config = SyntheticConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in scenes.items()})
+  try:
+    scene_config = recipe_scenes(experiment.load_recipe(recipe))
+  except ValueError as e:
+    raise SystemExit(f"error: --scores {recipe}: {e}") from None
   rows = []
   for mode in [None, *modes]:
     name = "float" if mode is None else mode.mode + ("+vit" if mode.vit else "")
     for dtype in ("float32", "bfloat16"):
       predictor = Predictor.from_checkpoint(checkpoint, dtype=dtype, quantize=mode)
-      scores = evaluate_demo(predictor, out_dir / f"{name}-{dtype}", f"{name}/{dtype}", examples, 16,
-                             scene_config, quiet=True)
+      scores = score_scenes(predictor, out_dir / f"{name}-{dtype}", f"{name}/{dtype}", examples, 16,
+                            scene_config, quiet=True)
       rows.append({"mode": name, "compute": dtype,
                    **{k: v for k, v in scores.items() if not isinstance(v, dict)}})
   return rows

@@ -27,12 +27,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
-
-import numpy as np
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -122,77 +119,17 @@ def zero_image_features(params):
   return params
 
 
-def chance_levels(num_examples: int, scene_config) -> dict[str, float]:
-  """Counting: always answering the most frequent true count. Pointing: as many uniformly random
-  points as there are true objects (a generous baseline: it knows the count)."""
-  from molmo_jax.data.synthetic import SyntheticSource
-  from molmo_jax.evals.metrics import pointing_metrics
-  counts = SyntheticSource(num_examples, seed=0, config=scene_config, task="count", split="eval")
-  truth = [counts[i]["count"] for i in range(len(counts))]
-  majority = max(set(truth), key=truth.count)
-  points = SyntheticSource(num_examples, seed=0, config=scene_config, task="points", split="eval")
-  rng = np.random.default_rng(0)
-  f1, with_objects = [], []
-  for i in range(len(points)):
-    item = points[i]
-    h, w = item["image"].shape[:2]
-    k = len(item["points"])
-    guess = rng.uniform([0, 0], [w, h], size=(k, 2)) if k else np.zeros((0, 2))
-    text = "".join(f'<point x="{100 * x / w:.1f}" y="{100 * y / h:.1f}" alt="a">a</point>' for x, y in guess)
-    if not k:
-      text = "There are none."
-    f1.append(pointing_metrics(text, item["points"], item["masks"], (w, h))["f1"])
-    if k:
-      with_objects.append(f1[-1])
-  several = [t == majority for t in truth if t >= 2]
-  return {"count_accuracy": float(np.mean([t == majority for t in truth])),
-          "count_accuracy_2_or_more": float(np.mean(several)) if several else float("nan"),
-          "pointing_f1": float(np.mean(f1)),
-          "pointing_f1_with_objects": float(np.mean(with_objects)) if with_objects else float("nan")}
-
-
-def evaluate_demo(predictor, out_dir: Path, tag: str, limit: int, batch_size: int, scene_config,
-                  quiet: bool = False) -> dict[str, float]:
-  """Counting accuracy and pointing F1 (overall, on scenes with / without the asked-for kind,
-  counting accuracy per true count) with the `eval.py` runner; predictions go to `out_dir`."""
-  import shutil
-  from molmo_jax.evals.runner import evaluate
-  out = {}
-  # Each run exports a new model; the runner refuses to resume another model's predictions, so
-  # the demo starts its own evaluation folders afresh.
-  shutil.rmtree(out_dir, ignore_errors=True)
-  for task, key, metric in (("synthetic_count", "count_accuracy", "correct"),
-                            ("synthetic_points", "pointing_f1", "f1")):
-    start = time.time()
-    metrics = evaluate(predictor, task, limit=limit, output_dir=out_dir, batch_size=batch_size,
-                       task_options={"config": scene_config}, progress=sys.stderr.isatty())
-    out[key] = float(metrics[metric])
-    if not quiet:
-      print(f"[demo] {tag:>8} {task}: {metric} = {out[key]:.3f} ({time.time() - start:.0f} s)", flush=True)
-    for extra in ("f1_with_objects", "f1_without_objects"):
-      if extra in metrics:
-        out[f"pointing_{extra}"] = float(metrics[extra])
-    per_count = {k.removeprefix("correct_"): float(v) for k, v in metrics.items()
-                 if k.startswith("correct_") and k.removeprefix("correct_").isdigit()}
-    if per_count:
-      out["count_accuracy_per_count"] = per_count
-  rows = [json.loads(line) for line in (out_dir / "synthetic_count.predictions.jsonl").read_text().splitlines()]
-  several = [r["scores"]["correct"] for r in rows if r.get("scores") and r["targets"]["count"] >= 2]
-  if several:
-    out["count_accuracy_2_or_more"] = float(np.mean(several))
-  return out
-
-
 def learning_curve(config, workdir: Path, tokenizer, args, scene_config) -> list[dict]:
   """Scores every checkpoint kept during training on the first `--curve-examples` scenes."""
+  from molmo_jax.evals.synthetic_scores import score_scenes
   from molmo_jax.predictor import Predictor
   points = []
   for step in checkpoint_steps(workdir):
     start = time.time()
     model_cfg, params = restore_params(config, workdir, step)
     predictor = Predictor(model_cfg, params, tokenizer)
-    scores = evaluate_demo(predictor, workdir / "curve" / f"step-{step}", "curve", args.curve_examples,
-                           args.eval_batch, scene_config, quiet=True)
+    scores = score_scenes(predictor, workdir / "curve" / f"step-{step}", "curve", args.curve_examples,
+                          args.eval_batch, scene_config, quiet=True)
     points.append({"step": step, **{k: v for k, v in scores.items() if not isinstance(v, dict)}})
     print(f"[demo] curve: step {step:>5}  counting {scores['count_accuracy']:.3f}  pointing F1 "
           f"{scores['pointing_f1']:.3f}  F1 with objects {scores.get('pointing_f1_with_objects', float('nan')):.3f}"
@@ -270,8 +207,7 @@ def main(argv=None) -> int:
   workdir.mkdir(parents=True, exist_ok=True)
   from molmo_jax import experiment
   from molmo_jax.data.demo_tokenizer import save_demo_tokenizer
-  from molmo_jax.data.synthetic import SyntheticConfig
-  from molmo_jax.evals import synthetic_tasks  # noqa: F401 (registers synthetic_count / _points)
+  from molmo_jax.evals.synthetic_scores import chance_levels, recipe_scenes, score_scenes
   from molmo_jax.predictor import Predictor
 
   overrides = []
@@ -286,12 +222,10 @@ def main(argv=None) -> int:
   config.checkpoint.save_every = max(1, -(-steps // args.curve_evals)) if args.curve_evals else steps
   config.checkpoint.keep = 0
   config.log_every = max(1, min(int(config.log_every), steps // 20 or 1))
-  scenes = [dict(s.get("options", {}).get("config", {})) for s in config.data.sources.values()
-            if s.get("kind") == "synthetic"]
-  if not scenes:
-    raise SystemExit(f"--recipe {args.recipe}: the demo needs a 'synthetic' data source")
-  scene_config = SyntheticConfig(**{k: tuple(v) if isinstance(v, list) else v
-                                    for k, v in scenes[0].items()})
+  try:
+    scene_config = recipe_scenes(config)
+  except ValueError as e:
+    raise SystemExit(f"--recipe {args.recipe}: {e}; the demo needs one") from None
   tokenizer_dir = workdir / "tokenizer"
   save_demo_tokenizer(tokenizer_dir)
   config.tokenizer_dir = str(tokenizer_dir)
@@ -302,13 +236,13 @@ def main(argv=None) -> int:
   predictor = Predictor.from_checkpoint(model_dir)
   report = {"steps": steps, "batch": int(config.data.global_batch_size),
             "eval_examples": args.eval_examples, "train_time_s": round(train_s, 1)}
-  report["model"] = evaluate_demo(predictor, workdir / "eval-model", "model", args.eval_examples,
-                                  args.eval_batch, scene_config)
+  report["model"] = score_scenes(predictor, workdir / "eval-model", "model", args.eval_examples,
+                                 args.eval_batch, scene_config)
   report["chance"] = chance_levels(args.eval_examples, scene_config)
   if not args.skip_ablation:
     ablated = Predictor(predictor.config, zero_image_features(predictor.params), predictor.tokenizer)
-    report["no_image_features"] = evaluate_demo(ablated, workdir / "eval-ablation", "ablation",
-                                                args.eval_examples, args.eval_batch, scene_config)
+    report["no_image_features"] = score_scenes(ablated, workdir / "eval-ablation", "ablation",
+                                               args.eval_examples, args.eval_batch, scene_config)
   report["curve_examples"] = args.curve_examples
   report["curve"] = learning_curve(config, workdir, predictor.tokenizer, args, scene_config)
   loss_steps, losses = training_losses(workdir)

@@ -55,6 +55,9 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("head_dim", None),
     ("mlp", "tensor"),
     ("norm", None),
+    # LoRA adapters (molmo_jax/lora.py): A [.., in, rank] is sharded by its input axes; B [.., rank,
+    # out] takes FSDP on the rank axis unless its output axes already hold fsdp (an "embed" out).
+    ("lora_rank", ("fsdp", "expert")),
     # --- parameters: vision tower and connector ---
     ("vit_embed", ("fsdp", "expert")),
     ("vit_heads", "tensor"),

@@ -2,8 +2,10 @@
 runner, a contact sheet and a learning curve from checkpoints kept during training."""
 
 import json
+import logging
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from molmo_jax import demo, plots
@@ -15,7 +17,23 @@ def _png(path):
     return np.asarray(image.convert("RGB"))
 
 
-def test_short_demo_writes_model_metrics_contact_sheet_and_curve(tmp_path, capsys):
+@pytest.fixture
+def restore_logging():
+  """demo.main configures the root logger (basicConfig(force=True)) with a handler on this test's
+  captured stderr; later tests in the process must not log into that closed stream."""
+  root = logging.getLogger()
+  handlers, level = root.handlers[:], root.level
+  yield
+  for handler in root.handlers[:]:
+    if handler not in handlers:
+      root.removeHandler(handler)
+  for handler in handlers:
+    if handler not in root.handlers:
+      root.addHandler(handler)
+  root.setLevel(level)
+
+
+def test_short_demo_writes_model_metrics_contact_sheet_and_curve(tmp_path, capsys, restore_logging):
   workdir = tmp_path / "demo"
   code = demo.main(["--workdir", str(workdir), "--steps", "24", "--batch", "8", "--eval-examples", "8",
                     "--eval-batch", "8", "--curve-evals", "2", "--curve-examples", "4", "--sheet", "4"])

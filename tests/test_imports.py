@@ -2,7 +2,9 @@
 recipe (configs/), the demo or a command-line module, and no command-line module imports another.
 
 The demo registers its pieces (synthetic source kind, demo tokenizer, synthetic eval tasks) in the
-library's registries when imported; recipes name it in config.plugins, eval.py in --plugins.
+library's registries when imported; recipes name it in config.plugins, eval.py in --plugins. Its
+scoring (evals/synthetic_scores.py) is shared by the demo and the benchmarks that score a
+demo-trained model.
 """
 
 import ast
@@ -15,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CLI_MODULES = {"train", "eval", "aot", "molmo_jax.predict", "molmo_jax.demo", "molmo_jax.serve.__main__"} | {
     f"benchmarks.{p.stem}" for p in (ROOT / "benchmarks").glob("*.py") if p.stem != "__init__"}
 DEMO_MODULES = {"molmo_jax.demo", "molmo_jax.data.synthetic", "molmo_jax.data.demo_tokenizer",
-                "molmo_jax.evals.synthetic_tasks"}
+                "molmo_jax.evals.synthetic_tasks", "molmo_jax.evals.synthetic_scores"}
 
 
 def module_name(path: Path) -> str:

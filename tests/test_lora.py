@@ -66,6 +66,16 @@ def test_adapters_sit_in_the_targeted_layers_with_logical_axes(setup):
   assert "connector/projector/up/lora_a" in names
   assert not any(k.startswith("vision/") for k in names)        # the ViT is not a target here
   assert len(names) == 2 * (7 + 4 + 3)                          # q k v o gate up down; pool; proj
+  # Every adapter is sharded over fsdp once: A by its input axis, B by its rank unless its output
+  # axis already holds fsdp (a replicated B would be held whole by every chip).
+  mesh = sharding.make_mesh(fsdp=4, devices=jax.devices()[:4])
+  specs = {k: v.spec for k, v in flat(sharding.param_shardings(boxed["params"], mesh)).items()
+           if k.endswith(("lora_a", "lora_b"))}
+  assert specs["llm/blocks/attention/query/lora_b"][1] in ("fsdp", ("fsdp", "expert"))
+  assert specs["llm/blocks/mlp/gate/lora_b"][1] in ("fsdp", ("fsdp", "expert"))
+  for key, spec in specs.items():
+    used = [axis for entry in spec if entry for axis in (entry if isinstance(entry, tuple) else (entry,))]
+    assert used.count("fsdp") == 1, (key, spec)
 
 
 def test_zero_init_b_gives_exactly_the_base_logits(setup):
@@ -166,3 +176,24 @@ def test_config_validation():
   assert cfg.targets_module("llm/blocks/attention/out")
   assert not cfg.targets_module("llm/blocks/mlp/up")
   assert lora.with_lora(Molmo(C.tiny("qwen2")), lora.LoraConfig()).__class__ is Molmo
+
+
+def test_chunked_loss_with_adapters_equals_the_plain_loss(setup):
+  # The chunked loss applies the raw LM head to the model's final hidden states; the adapters
+  # act inside the layers, so with trained (non-zero) adapters both losses and gradients agree.
+  model, cfg = setup["model"], setup["cfg"]
+  params = jax.tree.map(jnp.asarray, setup["state"].params)
+  batch = {k: jnp.asarray(v) for k, v in make_batch(cfg, seed=7).items()}
+  assert any(float(jnp.max(jnp.abs(v))) > 0 for k, v in flat(params).items() if k.endswith("lora_b"))
+
+  def loss_and_grads(chunk):
+    loss_fn = ts.make_loss_fn(model, setup["optimizer"].labels,
+                              ts.StepConfig(loss_chunk_size=chunk))
+    normaliser = jnp.sum(batch["loss_weights"])
+    grad = jax.value_and_grad(lambda p: loss_fn(p, batch, jax.random.PRNGKey(0), normaliser)[0])
+    return jax.jit(grad)(params)
+
+  (plain, plain_grads), (chunked, chunked_grads) = loss_and_grads(0), loss_and_grads(16)
+  np.testing.assert_allclose(chunked, plain, rtol=1e-6)
+  for (path, a), b in zip(flat(plain_grads).items(), flat(chunked_grads).values()):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7, err_msg=path)

@@ -370,12 +370,11 @@ def make_loss_fn(model: Molmo, labels: Any, step_cfg: StepConfig, host_gemm: boo
       return _loss(params, batch, rng, normaliser)
 
   def _loss(params, batch, rng, normaliser):
-    # The chunked loss applies the plain LM-head kernel itself; a model whose LLM carries LoRA
-    # adapters (or a quantized head) keeps the model's own logits.
+    # The chunked loss applies the plain LM-head kernel itself to the model's final hidden states
+    # (LoRA adapters live in DenseGeneral layers, never on the raw `lm_head` parameter, so they
+    # are in those states); a quantized or tied head keeps the model's own logits.
     head = params["llm"].get("lm_head") if isinstance(params.get("llm"), dict) else None
-    chunked = (step_cfg.loss_chunk_size > 0 and isinstance(head, jax.Array)
-               and not any("lora" in jax.tree_util.keystr(path)
-                           for path, _ in jax.tree_util.tree_flatten_with_path(params["llm"])[0]))
+    chunked = step_cfg.loss_chunk_size > 0 and isinstance(head, jax.Array)
     logits, out = model.apply({"params": params}, model_inputs(batch), rngs={"dropout": rng},
                               compute_logits=not chunked)
     if chunked:
