@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import shutil
 import sys
@@ -68,11 +67,10 @@ def main(argv=None) -> int:
   from molmo_jax.data.synthetic import PALETTE
   from molmo_jax.evals.synthetic_scores import chance_levels, recipe_scenes, score_scenes
   from molmo_jax.predictor import Predictor
+  from molmo_jax.progress import quiet_training_logs
   from molmo_jax.training import loop
 
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-  for name in ("absl", "orbax", "jax", "grain", "molmo_jax.data"):
-    logging.getLogger(name).setLevel(logging.WARNING)
+  quiet_training_logs()
   base = Path(args.base).absolute()
   if not (base / "config.json").is_file():
     raise SystemExit(f"error: --base {args.base}: not a model directory (no config.json); train one "

@@ -110,7 +110,7 @@ def demo_scores(checkpoint: str, recipe: str, modes, examples: int, out_dir: Pat
     raise SystemExit(f"error: --scores {recipe}: {e}") from None
   rows = []
   for mode in [None, *modes]:
-    name = "float" if mode is None else mode.mode + ("+vit" if mode.vit else "")
+    name = "float" if mode is None else mode.name
     for dtype in ("float32", "bfloat16"):
       predictor = Predictor.from_checkpoint(checkpoint, dtype=dtype, quantize=mode)
       scores = score_scenes(predictor, out_dir / f"{name}-{dtype}", f"{name}/{dtype}", examples, 16,
@@ -154,8 +154,7 @@ def main(argv=None) -> int:
       out = np.asarray(fn(qparams, {k: jnp.asarray(v) for k, v in b.items()}))
       part = compare(ref, out, b["loss_weights"])
       totals = {k: (max(totals[k], part[k]) if k == "kl_max" else totals[k] + part[k]) for k in totals}
-    name = mode.mode + ("+vit" if mode.vit else "")
-    rows.append({"mode": name, "positions": totals["positions"],
+    rows.append({"mode": mode.name, "positions": totals["positions"],
                  "kl_mean_nats": totals["kl_sum"] / max(totals["positions"], 1),
                  "kl_max_nats": totals["kl_max"],
                  "top1_agreement": totals["agree"] / max(totals["positions"], 1),

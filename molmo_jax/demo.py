@@ -26,10 +26,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 import time
 from pathlib import Path
+
+from molmo_jax.progress import quiet_training_logs
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -55,19 +56,6 @@ def parse_args(argv=None) -> argparse.Namespace:
   if args.curve_evals < 0:
     p.error(f"--curve-evals: expected >= 0, got {args.curve_evals}")
   return args
-
-
-def _quiet_logs() -> None:
-  """Training progress (molmo_jax.train) at INFO; libraries and per-example data notes quiet."""
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S",
-                      force=True)
-  for name in ("absl", "orbax", "jax", "grain", "molmo_jax.data"):
-    logging.getLogger(name).setLevel(logging.WARNING)
-  try:
-    from absl import logging as absl_logging
-    absl_logging.set_verbosity(absl_logging.WARNING)
-  except ImportError:
-    pass
 
 
 def train_demo(config, workdir: Path):
@@ -202,7 +190,7 @@ def draw_contact_sheet(workdir: Path, count: int, scene_config) -> Path:
 
 def main(argv=None) -> int:
   args = parse_args(argv)
-  _quiet_logs()
+  quiet_training_logs()
   workdir = Path(args.workdir).absolute()
   workdir.mkdir(parents=True, exist_ok=True)
   from molmo_jax import experiment

@@ -146,9 +146,8 @@ class Predictor:
     if saved is not None:
       asked = quantize_lib.from_mapping(quantize)
       if asked.enabled and asked != saved:
-        raise UserError(f"--quantize {asked.mode}{'+vit' if asked.vit else ''}",
-                        f"{source.path} is saved quantized as {saved.mode}"
-                        f"{'+vit' if saved.vit else ''}", "leave --quantize out for this directory")
+        raise UserError(f"--quantize {asked.name}", f"{source.path} is saved quantized as {saved.name}",
+                        "leave --quantize out for this directory")
       quantize = saved
       qmodel = quantize_lib.quantized_model(Molmo(config), saved)
       expected = quantize_lib.abstract_storable(qmodel, mesh)

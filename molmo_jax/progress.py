@@ -8,6 +8,7 @@ would turn a log into one unreadable line, so it prints `desc: n/total (p%)` at 
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from typing import TextIO
@@ -67,3 +68,18 @@ def progress(total: float | None, desc: str, unit: str = "it", *, interval_s: fl
     return tqdm(total=total, desc=desc, unit=unit, unit_scale=unit == "B", unit_divisor=1024,
                 dynamic_ncols=True, file=file)
   return LineProgress(total, desc, unit, interval_s, file)
+
+
+def quiet_training_logs() -> None:
+  """Root logging for a run driven from a script (the demo, benchmarks that train): training
+  progress (molmo_jax.train) at INFO with short timestamps; libraries (absl, Orbax, JAX, grain)
+  and per-example data notes at WARNING."""
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S",
+                      force=True)
+  for name in ("absl", "orbax", "jax", "grain", "molmo_jax.data"):
+    logging.getLogger(name).setLevel(logging.WARNING)
+  try:
+    from absl import logging as absl_logging
+    absl_logging.set_verbosity(absl_logging.WARNING)
+  except ImportError:
+    pass

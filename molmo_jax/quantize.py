@@ -64,6 +64,11 @@ class QuantizeConfig:
   def enabled(self) -> bool:
     return self.mode != "none"
 
+  @property
+  def name(self) -> str:
+    """The --quantize spelling: "int8", "int4+vit", "none"."""
+    return self.mode + ("+vit" if self.vit else "")
+
   def rules(self) -> list:
     import qwix
     qtype = _QTYPES[self.mode]
