@@ -86,7 +86,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.micro_batches = 1
   c.loss_chunk_size = 512
   c.offload_optimizer_state = False
-  # LoRA (rank > 0): adapters on `targets`, `train` trained in full, everything else frozen.
+  # LoRA (rank > 0): adapters on `targets`, `train` trained in full, everything else frozen and
+  # held in base_dtype: float32, bfloat16, or int8 (the LLM's dense kernels and LM head as int8
+  # values + scales, every other frozen leaf bfloat16; docs/training.md).
   c.lora = ml_collections.ConfigDict(dict(rank=0, alpha=16.0, dropout=0.0, targets=("llm",),
                                           train=(), base_dtype="float32"))
   c.z_loss_weight = 1e-4           # softmax_auxiliary_loss (the reference's olmo/train.py (loss))

@@ -186,8 +186,9 @@ class Experiment:
 
   @property
   def frozen_dtype(self) -> str | None:
-    """dtype of the frozen base in a LoRA run (None: parameters keep the model's dtype)."""
-    return self.lora.base_dtype if self.lora is not None and self.lora.enabled else None
+    """dtype of the frozen float leaves in a LoRA run (None: parameters keep the model's dtype);
+    bfloat16 next to an int8 base (lora.base_dtype="int8")."""
+    return self.lora.frozen_dtype if self.lora is not None and self.lora.enabled else None
 
   @property
   def init_from(self) -> str:
@@ -275,7 +276,7 @@ def build(config: Any, devices: Sequence[Any] | None = None,
   optimizer = build_optimizer(optimizer_config(config), step_lib.abstract_params(model, spec))
   offload = bool(config.get("offload_optimizer_state", False))
   abstract, shardings = step_lib.abstract_train_state(
-      model, optimizer, mesh, spec, lora.base_dtype if lora.enabled else None, offload)
+      model, optimizer, mesh, spec, lora.frozen_dtype if lora.enabled else None, offload)
   return Experiment(config=config, model_config=model_cfg, data_config=data_cfg,
                     max_crops=max_crops, mesh=mesh, model=model, batch_spec=spec,
                     optimizer=optimizer, abstract_state=abstract, state_shardings=shardings,

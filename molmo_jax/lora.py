@@ -18,6 +18,17 @@ learning rate of their component and checkpoints like every other parameter;
 They are added by a flax method interceptor around the model's init/apply (`LoraModel`), so the
 model code carries no LoRA branch: with LoRA off nothing changes, not even the traced program.
 
+int8 base (`base_dtype="int8"`, QLoRA-style): the frozen kernels of the layers that weight-only
+int8 inference quantizes (`QuantizeConfig("int8")` of molmo_jax/quantize.py: the LLM's attention
+q/k/v/o, dense MLP and LM head) are held as int8 values + per-output-channel scales, and those
+layers run qwix's weight-only int8 matmul, the adapter beside it in float:
+
+    y = (x . q) * s  +  a * (dropout(x) . A) . B          q int8 [*I, *O], s [1.., *O]
+
+In the parameter tree each such kernel is {"qvalue", "scale"} (`quantize.to_storable`, the layout
+of a saved quantized model directory); every other frozen leaf is bfloat16. A layer with a
+parameter that trains (lora.train) is never quantized.
+
 Files:
   save_adapters(dir, params, cfg)  ->  dir/adapters/ (Orbax tree of the trained leaves only)
                                         dir/lora.json  (LoraConfig.to_json())
@@ -28,7 +39,9 @@ Files:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -48,6 +61,7 @@ Array = jax.Array
 
 LORA_A, LORA_B = "lora_a", "lora_b"
 RANK_AXIS = "lora_rank"
+BASE_DTYPES = ("float32", "bfloat16", "int8")
 _ADAPTERS_DIR = "adapters"
 _CONFIG_FILE = "lora.json"
 
@@ -83,8 +97,10 @@ class LoraConfig:
     stacked 3-D parameters, not dense layers, and cannot be adapted; the MoE model's attention can.
   train: parameters trained in full next to the adapters: preset names (TRAIN_PRESETS:
     connector (+ the new token rows), vit, norms) or regexes on parameter paths.
-  base_dtype: dtype the frozen base parameters are held in during training ("float32" or
-    "bfloat16"; the adapters and fully trained parameters keep the model's param_dtype).
+  base_dtype: how the frozen base is held during training: "float32", "bfloat16", or "int8"
+    (the kernels weight-only int8 inference quantizes become int8 values + scales and run int8
+    matmuls; every other frozen leaf is bfloat16). The adapters and fully trained parameters
+    keep the model's param_dtype.
   """
 
   rank: int = 0
@@ -101,8 +117,9 @@ class LoraConfig:
       raise ValueError(f"lora.alpha: expected > 0, got {self.alpha}")
     if not 0 <= self.dropout < 1:
       raise ValueError(f"lora.dropout: expected a rate in [0, 1), got {self.dropout}")
-    if self.base_dtype not in ("float32", "bfloat16"):
-      raise ValueError(f"lora.base_dtype: expected float32 or bfloat16, got {self.base_dtype!r}")
+    if self.base_dtype not in BASE_DTYPES:
+      raise ValueError(f"lora.base_dtype: expected float32, bfloat16 or int8, got "
+                       f"{self.base_dtype!r}")
     if self.enabled and not self.targets:
       raise ValueError("lora.targets: empty; name at least one preset "
                        f"({sorted(TARGET_PRESETS)}) or module-path regex")
@@ -120,6 +137,16 @@ class LoraConfig:
   @property
   def scale(self) -> float:
     return self.alpha / self.rank
+
+  @property
+  def quantized_base(self) -> bool:
+    """int8 base: the frozen dense kernels are weight-only int8 (molmo_jax/quantize.py)."""
+    return self.base_dtype == "int8"
+
+  @property
+  def frozen_dtype(self) -> str:
+    """dtype of the frozen float leaves: base_dtype, or bfloat16 next to an int8 base."""
+    return "bfloat16" if self.quantized_base else self.base_dtype
 
   @property
   def target_patterns(self) -> tuple[str, ...]:
@@ -197,19 +224,25 @@ def interceptor(cfg: LoraConfig):
         or not cfg.targets_module(_module_path(module))):
       return next_fun(*args, **kwargs)
     y = next_fun(*args, **kwargs)
-    return y + _adapter_delta(module, args[0], cfg).astype(y.dtype)
+    # Beside an int8 kernel the adapter's matmuls must stay float: qwix would take A and B for
+    # weights to quantize.
+    with _quantize().float_matmuls() if cfg.quantized_base else contextlib.nullcontext():
+      delta = _adapter_delta(module, args[0], cfg)
+    return y + delta.astype(y.dtype)
 
   return intercept
 
 
+def _quantize():
+  from molmo_jax import quantize
+  return quantize
+
+
 @dataclasses.dataclass(frozen=True)
-class LoraModel:
-  """A Molmo module with adapters: `.init` / `.apply` / `.config` like the module itself.
+class _WithAdapters:
+  """`module` (a Molmo, or a qwix-quantized one) with the adapter interceptor around init/apply."""
 
-  The train step, the AOT planner and generation take it wherever they take a `Molmo`.
-  """
-
-  module: nn.Module
+  module: Any
   lora: LoraConfig
 
   @property
@@ -223,6 +256,81 @@ class LoraModel:
   def apply(self, *args, **kwargs):
     with nn.intercept_methods(interceptor(self.lora)):
       return self.module.apply(*args, **kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraModel:
+  """A Molmo module with adapters: `.init` / `.apply` / `.config` like the module itself.
+
+  The train step, the AOT planner and generation take it wherever they take a `Molmo`. With an
+  int8 base (lora.base_dtype="int8") its parameter tree holds each quantized kernel as
+  {"qvalue", "scale"} (see the module docstring); `float_model` is the same model with a float
+  base (the tree of a model directory plus adapters) and `quantize_base` maps that tree to this
+  one.
+  """
+
+  module: nn.Module
+  lora: LoraConfig
+
+  @property
+  def config(self):
+    return self.module.config
+
+  def init(self, *args, **kwargs):
+    variables = self._runner.init(*args, **kwargs)
+    if not self.lora.quantized_base:
+      return variables
+    return {**variables, "params": _quantize().to_storable(variables["params"])}
+
+  def apply(self, variables, *args, **kwargs):
+    if self.lora.quantized_base:
+      params = _quantize().from_storable(variables["params"], self._runner,
+                                         self._abstract_quantized)
+      variables = {**variables, "params": params}
+    return self._runner.apply(variables, *args, **kwargs)
+
+  @property
+  def float_model(self) -> "LoraModel":
+    """This model with a bfloat16 base instead of an int8 one (itself for a float base)."""
+    if not self.lora.quantized_base:
+      return self
+    return LoraModel(self.module, dataclasses.replace(self.lora, base_dtype="bfloat16"))
+
+  def quantize_base(self, params: Any) -> Any:
+    """`float_model`'s parameter tree -> this model's (jit-able; arrays may be sharded): each
+    kernel of the int8 base becomes {"qvalue", "scale"} (quantize.quantize_params, the scales
+    in the kernel's dtype). The identity for a float base."""
+    if not self.lora.quantized_base:
+      return params
+    quantize = _quantize()
+    return quantize.to_storable(quantize.quantize_params(self._runner, params,
+                                                         abstract=self._abstract_quantized))
+
+  @functools.cached_property
+  def base_quantization(self) -> Any:
+    """The int8 base's QuantizeConfig: the inference rules (QuantizeConfig("int8")) minus every
+    layer one of whose quantized parameters trains (a lora.train pattern matches it)."""
+    quantize = _quantize()
+    full = quantize.QuantizeConfig("int8")
+    if not self.lora.train_patterns:
+      return full
+    probe = _WithAdapters(quantize.quantized_model(self.module, full), self.lora)
+    names = quantize.quantized_leaves(quantize.abstract_quantized_params(probe))
+    trained = sorted({name.rsplit("/", 1)[0] for name in names
+                      if any(_is_trained(tuple(f"{name}{leaf}".split("/")), self.lora)
+                             for leaf in ("", "/qvalue", "/scale"))})
+    return dataclasses.replace(full, exclude=tuple(re.escape(m) for m in trained))
+
+  @functools.cached_property
+  def _runner(self) -> _WithAdapters:
+    if not self.lora.quantized_base:
+      return _WithAdapters(self.module, self.lora)
+    quantize = _quantize()
+    return _WithAdapters(quantize.quantized_model(self.module, self.base_quantization), self.lora)
+
+  @functools.cached_property
+  def _abstract_quantized(self) -> Any:
+    return _quantize().abstract_quantized_params(self._runner)
 
 
 def with_lora(module: nn.Module, cfg: LoraConfig | None) -> Any:
@@ -268,11 +376,13 @@ def combine(base: Any, adapters: Any) -> dict:
 
 
 def cast_frozen(params: Any, cfg: LoraConfig) -> Any:
-  """Frozen leaves in cfg.base_dtype (works on arrays and ShapeDtypeStructs)."""
-  dtype = jnp.dtype(cfg.base_dtype)
+  """Frozen float leaves in cfg.frozen_dtype (works on arrays and ShapeDtypeStructs); integer
+  leaves (an int8 base's values) are kept."""
+  dtype = jnp.dtype(cfg.frozen_dtype)
 
   def cast(path, leaf):
-    if _is_trained(tuple(str(getattr(p, "key", p)) for p in path), cfg) or leaf.dtype == dtype:
+    if (_is_trained(tuple(str(getattr(p, "key", p)) for p in path), cfg) or leaf.dtype == dtype
+        or not jnp.issubdtype(leaf.dtype, jnp.floating)):
       return leaf
     if isinstance(leaf, jax.ShapeDtypeStruct):
       return jax.ShapeDtypeStruct(leaf.shape, dtype, sharding=leaf.sharding)
@@ -309,6 +419,9 @@ def merge_adapters(base: Any, adapters: Any, cfg: LoraConfig) -> dict:
   layers = {k[:-1] for k in extra if k[-1] == LORA_A}
   for layer in sorted(layers):
     kernel_key = layer + ("kernel",)
+    if kernel_key + ("qvalue",) in out:
+      raise ValueError(f"adapters: {'/'.join(layer)}/kernel of the base is int8 (a lora.base_dtype="
+                       "int8 training state); merge into the float base model directory instead")
     if kernel_key not in out or layer + (LORA_B,) not in extra:
       raise ValueError(f"adapters: {'/'.join(layer)} has lora_a but no matching kernel/lora_b")
     out[kernel_key] = merged_kernel(out[kernel_key], extra[layer + (LORA_A,)],
@@ -317,7 +430,10 @@ def merge_adapters(base: Any, adapters: Any, cfg: LoraConfig) -> dict:
 
 
 def init_adapters(model: LoraModel, rng: Array, init_batch: Mapping[str, Array]) -> dict:
-  """Fresh adapter leaves only (the base's random init is dead code and compiled away)."""
+  """Fresh adapter leaves only (the base's random init is dead code and compiled away); the
+  same for an int8 base as for a float one."""
+  model = model.float_model
+
   def make():
     params = nn.unbox(model.init(rng, dict(init_batch)))["params"]
     return flax.traverse_util.unflatten_dict(

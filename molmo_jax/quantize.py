@@ -14,7 +14,9 @@ everywhere.
 What is quantized: every dense layer of the language model (attention q/k/v/o, dense MLP) and
 its LM head, optionally the vision tower's dense layers (`vit`). The token embedding (a lookup,
 not a matmul), norms, biases, the MoE block (router and experts) and the connector stay in the
-model's dtype.
+model's dtype. LoRA training with an int8 base (`lora.base_dtype="int8"`, molmo_jax/lora.py)
+holds its frozen kernels with these rules, this quantizer and these matmuls, adapters beside them
+in float (`float_matmuls`).
 
   qmodel = quantized_model(Molmo(config), QuantizeConfig("int8"))
   qparams = quantize_params(qmodel, params)          # params: the model's float tree
@@ -33,12 +35,13 @@ the layer axis for a contracted one).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import flax
 import flax.linen as nn
@@ -51,10 +54,13 @@ _QTYPES = {"int8": jnp.int8, "int4": jnp.int4}
 
 @dataclasses.dataclass(frozen=True)
 class QuantizeConfig:
-  """mode: none | int8 | int4 (weight-only); vit: also quantize the vision tower."""
+  """mode: none | int8 | int4 (weight-only); vit: also quantize the vision tower; exclude:
+  module paths (regexes matched against the whole "/"-joined path) kept in float where a rule
+  would quantize them (a LoRA run's fully trained layers, molmo_jax/lora.py)."""
 
   mode: str = "int8"
   vit: bool = False
+  exclude: tuple[str, ...] = ()
 
   def __post_init__(self):
     if self.mode not in MODES:
@@ -74,7 +80,9 @@ class QuantizeConfig:
     qtype = _QTYPES[self.mode]
     # Module paths are "/"-joined ("llm/blocks/attention/query"); `llm` itself owns the LM head.
     # The MoE block (router einsum, experts' ragged matmuls) is left in float.
-    rules = [qwix.QtRule(module_path=r"llm(/blocks/(attention|mlp)/.*)?", weight_qtype=qtype)]
+    # The first matching rule wins: excluded modules match a rule that quantizes nothing.
+    rules = [qwix.QtRule(module_path=path, weight_qtype=None) for path in self.exclude]
+    rules.append(qwix.QtRule(module_path=r"llm(/blocks/(attention|mlp)/.*)?", weight_qtype=qtype))
     if self.vit:
       rules.append(qwix.QtRule(module_path=r"vision(/.*)?", weight_qtype=qtype))
     return rules
@@ -135,6 +143,20 @@ def weight_only_dot_general(lhs: Any, rhs: Any, dimension_numbers: Any, precisio
   return (product * scale.astype(jnp.float32)).astype(result_type)
 
 
+@contextlib.contextmanager
+def float_matmuls() -> Iterator[None]:
+  """Inside, matmuls run in float even within a module a quantization rule matches (qwix's
+  interception is off for this thread): for float parameters that sit beside a quantized kernel,
+  such as a LoRA adapter (molmo_jax/lora.py), which qwix would otherwise take for an unquantized
+  weight. A no-op outside a quantized model."""
+  from qwix._src import interception
+  disabled = interception.interception_manager.disable_interception()
+  try:
+    yield
+  finally:
+    interception.interception_manager.enable_interception(disabled)
+
+
 def quantized_model(model: nn.Module, cfg: QuantizeConfig) -> Any:
   """`model` whose matched matmuls run on quantized weights (qwix PTQ, the matmuls through
   `weight_only_dot_general`); `model` itself when cfg.mode is none."""
@@ -163,12 +185,13 @@ def _is_with_aux(x: Any) -> bool:
 
 
 def quantize_params(qmodel: nn.Module, params: Any, stacked_prefixes: tuple[tuple[str, ...], ...]
-                    = (("llm", "blocks"), ("vision", "blocks"))) -> Any:
+                    = (("llm", "blocks"), ("vision", "blocks")), abstract: Any = None) -> Any:
   """The float parameter tree -> the quantized model's tree (jit-able; arrays may be sharded).
 
-  Leaves under `stacked_prefixes` (the scanned blocks) carry a leading layer axis.
+  Leaves under `stacked_prefixes` (the scanned blocks) carry a leading layer axis. `abstract`:
+  `abstract_quantized_params(qmodel)` when the caller has it already.
   """
-  abstract = abstract_quantized_params(qmodel)
+  abstract = abstract_quantized_params(qmodel) if abstract is None else abstract
   abstract_flat = flax.traverse_util.flatten_dict(abstract, is_leaf=lambda _, x: _is_with_aux(x))
   flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params))
   out = {}
@@ -301,12 +324,15 @@ def quantized_shardings(abstract: Any, float_shardings: Any, mesh, float_abstrac
 
 def to_storable(qparams: Any) -> Any:
   """Quantized tree -> plain nested dicts: each quantized weight becomes {"qvalue", "scale"}
-  (int4 values widened to int8: the same integers, a dtype every checkpoint store has)."""
+  (int4 values widened to int8: the same integers, a dtype every checkpoint store has). Also
+  takes the boxed tree of `qmodel.init` (logical-axis boxes kept: the values carry the kernel's
+  axis names, the scale the same names with None on its reduced, size-1 axes)."""
   def convert(x):
     if not _is_with_aux(x):
       return x
     q = x.array
-    qvalue = q.qvalue.astype(jnp.int8) if q.qvalue.dtype == jnp.int4 else q.qvalue
+    widen = getattr(q.qvalue, "dtype", None) == jnp.int4
+    qvalue = q.qvalue.astype(jnp.int8) if widen else q.qvalue
     return {"qvalue": qvalue, "scale": q.scale}
   flat = flax.traverse_util.flatten_dict(qparams, is_leaf=lambda _, x: _is_with_aux(x))
   return flax.traverse_util.unflatten_dict({k: convert(v) for k, v in flat.items()})
@@ -331,10 +357,11 @@ def abstract_storable(qmodel: Any, mesh=None) -> Any:
   return to_storable(stored)
 
 
-def from_storable(stored: Any, qmodel: Any) -> Any:
-  """`to_storable`'s tree (as restored) -> the quantized tree `qmodel.apply` takes."""
+def from_storable(stored: Any, qmodel: Any, abstract: Any = None) -> Any:
+  """`to_storable`'s tree (as restored) -> the quantized tree `qmodel.apply` takes (`abstract`:
+  `abstract_quantized_params(qmodel)` when the caller has it already)."""
   from qwix._src.core.qarray import QArray
-  abstract = abstract_quantized_params(qmodel)
+  abstract = abstract_quantized_params(qmodel) if abstract is None else abstract
   flat_abstract = flax.traverse_util.flatten_dict(abstract, is_leaf=lambda _, x: _is_with_aux(x))
   flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(stored))
   out = {}

@@ -154,20 +154,37 @@ ENTRY %main (a: f32[8]) -> f32[8] {
   assert got["all-to-all"] == 0
 
 
-def test_tiny_lora_train_step_compiles_with_state_for_adapters_only():
+@pytest.mark.parametrize("base_dtype", ["bfloat16", "int8"])
+def test_tiny_lora_train_step_compiles_with_state_for_adapters_only(base_dtype):
   _require_libtpu()
   from molmo_jax.training import aot
-  full = aot.compile_train_step(_tiny_config(**{"mesh.data": 1, "mesh.fsdp": 4}), "v5p:2x2x1")
+  sizes = test_tiny_lora_train_step_compiles_with_state_for_adapters_only.sizes
+  if "full" not in sizes:
+    sizes["full"] = aot.compile_train_step(_tiny_config(**{"mesh.data": 1, "mesh.fsdp": 4}),
+                                           "v5p:2x2x1")
+  full = sizes["full"]
   config = _tiny_config(**{"mesh.data": 1, "mesh.fsdp": 4, "lora.rank": 4,
-                           "lora.train": ("connector",), "lora.base_dtype": "bfloat16",
+                           "lora.train": ("connector",), "lora.base_dtype": base_dtype,
                            "micro_batches": 2})
   report = aot.compile_train_step(config, "v5p:2x2x1")
   assert report.error is None and report.fits
   assert "llm/blocks/attention/query/lora_a" in report.param_sharding
-  assert report.param_count > full.param_count                  # base + adapters
-  assert 0 < report.trainable_param_count < full.trainable_param_count / 2
   # No optimizer state or fp32 copy for the frozen base: the state is much smaller.
   assert report.argument_bytes < 0.6 * full.argument_bytes
+  assert 0 < report.trainable_param_count < full.trainable_param_count / 2
+  if base_dtype == "bfloat16":
+    assert report.param_count > full.param_count                # base + adapters
+  else:
+    # int8 values + scales in place of the LLM's dense kernels and LM head, sharded like them.
+    assert "fsdp" in report.param_sharding["llm/blocks/mlp/up/kernel/qvalue"]
+    assert "llm/blocks/mlp/up/kernel" not in report.param_sharding
+    assert "llm/lm_head/scale" in report.param_sharding
+  sizes[base_dtype] = report.argument_bytes
+  if "bfloat16" in sizes and "int8" in sizes:
+    assert sizes["int8"] < sizes["bfloat16"]
+
+
+test_tiny_lora_train_step_compiles_with_state_for_adapters_only.sizes = {}
 
 
 def test_tiny_train_step_compiles_with_optimizer_state_in_host_memory():

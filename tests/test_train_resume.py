@@ -125,18 +125,20 @@ def test_sigterm_then_restart_matches_straight_run(straight, cache, tmp_path):
 LORA = ("--config.lora.rank=4", "--config.lora.train=('connector',)")
 
 
-def test_lora_run_resumes_exactly_and_writes_its_adapters(cache, tmp_path_factory):
+@pytest.mark.parametrize("base_dtype", ["float32", "int8"])
+def test_lora_run_resumes_exactly_and_writes_its_adapters(cache, tmp_path_factory, base_dtype):
   from molmo_jax import lora
+  overrides = (*LORA, f"--config.lora.base_dtype={base_dtype}")
   straight = tmp_path_factory.mktemp("lora_straight")
-  finish(launch(straight, cache, *LORA))
+  finish(launch(straight, cache, *overrides))
   resumed = tmp_path_factory.mktemp("lora_resumed")
-  proc = launch(resumed, cache, *LORA, "--config.debug_step_sleep_s=0.4")
+  proc = launch(resumed, cache, *overrides, "--config.debug_step_sleep_s=0.4")
   wait_for(lambda: logged_step(resumed) >= 2, proc, "step 2")
   proc.send_signal(signal.SIGTERM)
   assert "stopped by signal" in finish(proc)
   stopped_at = complete_steps(resumed)[-1]
   assert 2 <= stopped_at < TOTAL
-  assert f"resumed from step {stopped_at}" in finish(launch(resumed, cache, *LORA))
+  assert f"resumed from step {stopped_at}" in finish(launch(resumed, cache, *overrides))
   assert losses(resumed) == losses(straight)                      # bit-identical floats
   final = final_params(straight)
   assert jax.tree.all(jax.tree.map(np.array_equal, final_params(resumed), final))
@@ -146,6 +148,9 @@ def test_lora_run_resumes_exactly_and_writes_its_adapters(cache, tmp_path_factor
   expected = lora.adapter_params(final, cfg)
   assert jax.tree.all(jax.tree.map(np.array_equal, jax.device_get(tree), expected))
   assert "kernel" not in tree["llm"]["blocks"]["mlp"]["up"]
+  if base_dtype == "int8":      # the checkpoints hold the int8 base; no merged model/ is written
+    assert final["llm"]["blocks"]["mlp"]["up"]["kernel"]["qvalue"].dtype == np.int8
+    assert not (straight / "model").exists() and (straight / "adapters").is_dir()
 
 
 def test_sigkill_during_async_save_resumes_from_last_complete(straight, cache, tmp_path):

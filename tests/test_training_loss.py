@@ -244,3 +244,32 @@ def test_chunked_loss_rejects_bad_shapes():
     loss_lib.chunked_loss_sums(hidden, head, targets[:, 1:], weights)
   with pytest.raises(ValueError, match="chunk_size"):
     loss_lib.chunked_loss_sums(hidden, head, targets, weights, chunk_size=0)
+
+
+@pytest.mark.parametrize("chunk", [8, 37])
+def test_chunked_loss_with_an_int8_head_equals_the_plain_loss(chunk):
+  """A weight-only int8 head (qwix values q, per-vocabulary-row scales s: an int8 LoRA base): the
+  chunked loss equals the loss of the dequantized head's logits, gradients to hidden too."""
+  import qwix
+  hidden, head, targets, weights = _hidden_batch()
+  quantized = qwix.quantize(head, jnp.int8, channelwise_axes=(1,))          # scale [1, V]
+  q, scale = quantized.qvalue, quantized.scale
+  assert q.dtype == jnp.int8 and scale.shape == (1, head.shape[1])
+
+  def plain(hidden):
+    logits = jnp.einsum("btd,dv->btv", hidden, qwix.dequantize(quantized),
+                        preferred_element_type=jnp.float32)
+    return loss_lib.loss_from_sums(loss_lib.loss_sums(logits, targets, weights, 1e-2))[0]
+
+  def chunked(hidden):
+    sums = loss_lib.chunked_loss_sums(hidden, q, targets, weights, 1e-2, chunk_size=chunk,
+                                      head_scale=scale)
+    return loss_lib.loss_from_sums(sums)[0]
+
+  loss_p, grad_p = jax.jit(jax.value_and_grad(plain))(hidden)
+  loss_c, grad_c = jax.jit(jax.value_and_grad(chunked))(hidden)
+  np.testing.assert_allclose(float(loss_c), float(loss_p), rtol=1e-6)
+  assert float(jnp.abs(grad_p).max()) > 1e-3
+  np.testing.assert_allclose(np.asarray(grad_c), np.asarray(grad_p), atol=1e-6, rtol=0)
+  with pytest.raises(ValueError, match="head_scale"):
+    loss_lib.chunked_loss_sums(hidden, q, targets, weights, head_scale=scale[0])

@@ -138,7 +138,8 @@ def flat_dot(x: Array, kernel: Array, contract: int = 1, preferred_element_type=
   batch_shape = x.shape[:x.ndim - contract]
   n_in, n_out = math.prod(in_shape), math.prod(out_shape)
   x2, kernel2 = x.reshape(-1, n_in), kernel.reshape(n_in, n_out)
-  if _HOST_GEMM_GRADIENTS.get():
+  # A quantized kernel (qwix's wrapper, molmo_jax/quantize.py) goes to qwix's matmul.
+  if _HOST_GEMM_GRADIENTS.get() and isinstance(kernel2, jax.Array):
     y = _gemm_host_gradients(x2, kernel2, preferred_element_type)
   else:
     y = jnp.dot(x2, kernel2, preferred_element_type=preferred_element_type)

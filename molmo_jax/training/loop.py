@@ -338,9 +338,11 @@ def _restore_or_init(exp: experiment_lib.Experiment, ckpt: TrainCheckpointer,
     if exp.frozen_dtype is None:
       params = restore_params_only(where, abstract.params)
     else:
-      # A LoRA run starts from a plain model: restore the base (in its training dtype), add
-      # fresh adapters (A random, B zero: the model's outputs start unchanged).
-      params = restore_params_only(where, lora_lib.base_params(abstract.params))
+      # A LoRA run starts from a plain model: restore the base (in its training dtype; an int8
+      # base is restored in bfloat16 and quantized by init_state), add fresh adapters (A random,
+      # B zero: the model's outputs start unchanged).
+      target = step_lib.float_params_target(exp.model, mesh, exp.batch_spec)
+      params = restore_params_only(where, lora_lib.base_params(target))
       adapters = lora_lib.init_adapters(exp.model, jax.random.fold_in(
           jax.random.PRNGKey(int(config.seed)), 1), step_lib._init_batch(exp.batch_spec))
       params = lora_lib.combine(params, adapters)
@@ -424,10 +426,16 @@ def _train(config: Any, workdir: str | os.PathLike, data_iterator: Any,
     params = state.params
     if lora_cfg.enabled:
       _save_run_adapters(workdir, state, lora_cfg)
-      params = lora_lib.merge_adapters(lora_lib.base_params(params),
-                                       lora_lib.adapter_params(params, lora_cfg), lora_cfg)
+      params = None if lora_cfg.quantized_base else lora_lib.merge_adapters(
+          lora_lib.base_params(params), lora_lib.adapter_params(params, lora_cfg), lora_cfg)
     if config.get("export_model", True) and result.last_metrics:   # not when stopped before a step
-      export_model(workdir, exp.model_config, params, result.step)
+      if params is None:
+        _log.info("int8 LoRA base: no %s/model/ (the run holds no float base); fold the adapters "
+                  "into the float base with python -m molmo_jax.lora merge --base %s "
+                  "--adapters %s --out DIR", workdir, exp.init_from or "BASE_MODEL_DIR",
+                  workdir / "adapters")
+      else:
+        export_model(workdir, exp.model_config, params, result.step)
     return result
   finally:
     ckpt.wait_until_finished()
@@ -459,6 +467,9 @@ def _make_preview(exp: experiment_lib.Experiment, config: Any, tokenizer: Any,
   """The training preview (molmo_jax.training.preview) when config.preview.every > 0."""
   options = config.get("preview") or {}
   if int(options.get("every", 0) or 0) <= 0 or logger.writer is None:
+    return None
+  if exp.lora is not None and exp.lora.quantized_base:
+    _log.warning("no training preview: the Predictor does not run an int8 LoRA base")
     return None
   from molmo_jax.training.preview import TrainingPreview
   try:

@@ -22,7 +22,8 @@ same way and added to the loss.
 [B, T, V] fp32 logits: it runs the LM head and the loss over chunks of c sequence positions
 (extra legend: D width, c chunk length), [B, c, V] at a time, and its custom backward pass
 recomputes each chunk's logits instead of storing them, accumulating the LM-head gradient in
-fp32.
+fp32. A weight-only int8 head (a LoRA run's int8 base, molmo_jax/lora.py) runs as int8 values
+times per-vocabulary-row scales and gets no gradient.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from typing import Mapping
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # Keys of the dict `loss_sums` returns. All are sums over tokens, so micro-batch and per-device
 # results combine by addition (tree-add them, or `jax.lax.psum` them inside shard_map).
@@ -131,10 +133,27 @@ _LOGITS_AXES = ("activation_batch", "activation_length", "activation_vocab")
 _HEAD_AXES = ("embed", "vocab")
 
 
-def _chunk_logits(hidden: jax.Array, head: jax.Array) -> jax.Array:
-  """hidden [B, c, D] (compute dtype) x head [D, V] -> fp32 logits [B, c, V], as the decoder."""
-  logits = jnp.einsum("bcd,dv->bcv", hidden, head, preferred_element_type=jnp.float32)
+def _chunk_logits(hidden: jax.Array, head: jax.Array, scale: jax.Array | None) -> jax.Array:
+  """hidden [B, c, D] (compute dtype) x head [D, V] -> fp32 logits [B, c, V], as the decoder;
+  with `scale` [1, V], head holds int8 values and the logits are (hidden . head) * scale."""
+  if scale is None:
+    logits = jnp.einsum("bcd,dv->bcv", hidden, head, preferred_element_type=jnp.float32)
+  else:
+    from qwix import QArray
+    from molmo_jax.quantize import weight_only_dot_general
+    logits = weight_only_dot_general(hidden, QArray(head, scale), (((2,), (0,)), ((), ())),
+                                     preferred_element_type=jnp.float32)
   return nn.with_logical_constraint(logits, _LOGITS_AXES)
+
+
+def _chunk_hidden_grad(dlogits: jax.Array, head: jax.Array, scale: jax.Array | None,
+                       dtype) -> jax.Array:
+  """dlogits [B, c, V] fp32 -> d hidden [B, c, D] fp32: dlogits . head^T with both operands in
+  `dtype` (the compute dtype); for an int8 head (dlogits * scale) . q^T."""
+  if scale is not None:
+    dlogits = dlogits * scale.astype(jnp.float32)
+  return jnp.einsum("bcv,dv->bcd", dlogits.astype(dtype), head.astype(dtype),
+                    preferred_element_type=jnp.float32)
 
 
 def _split_chunks(x: jax.Array, chunk: int, fill) -> jax.Array:
@@ -151,33 +170,37 @@ def _zeros_like_sums() -> dict[str, jax.Array]:
   return {k: jnp.zeros((), jnp.float32) for k in SUM_KEYS}
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _chunked_sums(hidden: jax.Array, head: jax.Array, targets: jax.Array, weights: jax.Array,
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _chunked_sums(hidden: jax.Array, head: jax.Array, head_scale: jax.Array | None,
+                  targets: jax.Array, weights: jax.Array,
                   z_loss_weight: float) -> dict[str, jax.Array]:
-  """hidden [n, B, c, D], targets/weights [n, B, c], head [D, V] -> the `loss_sums` dict."""
+  """hidden [n, B, c, D], targets/weights [n, B, c], head [D, V] (head_scale [1, V] or None)
+  -> the `loss_sums` dict."""
   def body(acc, xs):
     h, t, w = xs
-    sums = _sums_from_logits(_chunk_logits(h, head), t, w, z_loss_weight)
+    sums = _sums_from_logits(_chunk_logits(h, head, head_scale), t, w, z_loss_weight)
     return jax.tree.map(jnp.add, acc, sums), None
 
   return jax.lax.scan(body, _zeros_like_sums(), (hidden, targets, weights))[0]
 
 
-def _chunked_sums_fwd(hidden, head, targets, weights, z_loss_weight):
+def _chunked_sums_fwd(hidden, head, head_scale, targets, weights, z_loss_weight):
   # Residuals are the inputs only (alive anyway); no logits are kept.
-  return _chunked_sums(hidden, head, targets, weights, z_loss_weight), (hidden, head, targets, weights)
+  return (_chunked_sums(hidden, head, head_scale, targets, weights, z_loss_weight),
+          (hidden, head, head_scale, targets, weights))
 
 
 def _chunked_sums_bwd(z_loss_weight, residuals, cotangents):
   """d(ce_sum)/dlogits = w (softmax - onehot); d(z_sum)/dlogits = z_loss_weight w 2 lse softmax.
-  The other sums are counts (no gradient)."""
-  hidden, head, targets, weights = residuals
+  The other sums are counts (no gradient); an int8 head gets none either."""
+  hidden, head, head_scale, targets, weights = residuals
   g_ce, g_z = cotangents["ce_sum"], cotangents["z_sum"]
   vocab = head.shape[-1]
+  quantized = head_scale is not None
 
   def body(head_grad, xs):
     h, t, w = xs
-    logits = _chunk_logits(h, head)
+    logits = _chunk_logits(h, head, head_scale)
     effective = _effective_weights(t, w, vocab)
     safe_targets = jnp.where(effective != 0, t, 0)
     lse = jax.nn.logsumexp(logits, axis=-1, keepdims=True)
@@ -185,15 +208,21 @@ def _chunked_sums_bwd(z_loss_weight, residuals, cotangents):
     onehot = jax.nn.one_hot(safe_targets, vocab, dtype=jnp.float32)
     scale = (g_ce + g_z * z_loss_weight * 2.0 * lse) * effective[..., None]
     dlogits = scale * probs - (g_ce * effective)[..., None] * onehot
-    dlogits = nn.with_logical_constraint(dlogits, _LOGITS_AXES).astype(h.dtype)
-    dh = jnp.einsum("bcv,dv->bcd", dlogits, head, preferred_element_type=jnp.float32)
-    head_grad = head_grad + jnp.einsum("bcd,bcv->dv", h, dlogits, preferred_element_type=jnp.float32)
-    head_grad = nn.with_logical_constraint(head_grad, _HEAD_AXES)
+    dlogits = nn.with_logical_constraint(dlogits, _LOGITS_AXES)
+    dh = _chunk_hidden_grad(dlogits, head, head_scale, h.dtype)
+    if not quantized:
+      head_grad = head_grad + jnp.einsum("bcd,bcv->dv", h, dlogits.astype(h.dtype),
+                                         preferred_element_type=jnp.float32)
+      head_grad = nn.with_logical_constraint(head_grad, _HEAD_AXES)
     return head_grad, dh.astype(h.dtype)
 
+  if quantized:
+    _, hidden_grad = jax.lax.scan(body, jnp.zeros((), jnp.float32), (hidden, targets, weights))
+    return (hidden_grad, np.zeros(head.shape, jax.dtypes.float0), jnp.zeros_like(head_scale),
+            None, None)
   init = nn.with_logical_constraint(jnp.zeros(head.shape, jnp.float32), _HEAD_AXES)
   head_grad, hidden_grad = jax.lax.scan(body, init, (hidden, targets, weights))
-  return hidden_grad, head_grad.astype(head.dtype), None, None
+  return hidden_grad, head_grad.astype(head.dtype), None, None, None
 
 
 _chunked_sums.defvjp(_chunked_sums_fwd, _chunked_sums_bwd)
@@ -201,19 +230,24 @@ _chunked_sums.defvjp(_chunked_sums_fwd, _chunked_sums_bwd)
 
 def chunked_loss_sums(hidden: jax.Array, lm_head: jax.Array, targets: jax.Array,
                       weights: jax.Array, z_loss_weight: float = 0.0,
-                      chunk_size: int = 512) -> dict[str, jax.Array]:
+                      chunk_size: int = 512, head_scale: jax.Array | None = None
+                      ) -> dict[str, jax.Array]:
   """`loss_sums(hidden @ lm_head, ...)` without materialising the [B, T, V] logits.
 
   Args:
     hidden: [B, T, D] final hidden states (after the final norm) in the compute dtype.
     lm_head: [D, V] LM-head kernel, already cast to the compute dtype (as the decoder does);
       logits are the product accumulated in fp32, exactly as `Decoder.__call__` computes them.
+      With `head_scale`: the int8 values q of a weight-only quantized head.
     targets, weights, z_loss_weight: as in `loss_sums`.
     chunk_size: sequence positions per chunk c; only [B, c, V] fp32 logits exist at a time, in the
       forward and in the backward pass (which recomputes them). T need not divide by c (the
       last chunk is padded with ignored positions).
+    head_scale: [1, V] per-output-channel scale s of an int8 `lm_head` (molmo_jax/quantize.py):
+      the logits are (hidden . q) * s (`quantize.weight_only_dot_general`), and the head, a
+      frozen base weight, gets a zero gradient.
 
-  Returns the `loss_sums` dict; gradients flow to `hidden` and `lm_head`.
+  Returns the `loss_sums` dict; gradients flow to `hidden` and (a float) `lm_head`.
   """
   if hidden.ndim != 3 or lm_head.ndim != 2 or lm_head.shape[0] != hidden.shape[-1]:
     raise ValueError(f"chunked_loss_sums: expected hidden [B, T, D] and lm_head [D, V], got "
@@ -221,8 +255,13 @@ def chunked_loss_sums(hidden: jax.Array, lm_head: jax.Array, targets: jax.Array,
   _check_targets(targets, weights, hidden.shape[:2], "hidden")
   if chunk_size < 1:
     raise ValueError(f"chunk_size: expected >= 1, got {chunk_size}")
+  if head_scale is not None and head_scale.shape != (1, lm_head.shape[1]):
+    raise ValueError(f"chunked_loss_sums: head_scale must be [1, V] = (1, {lm_head.shape[1]}), "
+                     f"got {head_scale.shape}")
   chunk = min(chunk_size, hidden.shape[1])
-  return _chunked_sums(_split_chunks(hidden, chunk, 0), lm_head.astype(hidden.dtype),
+  # An int8 head stays int8 here: each chunk converts the values inside its matmul.
+  head = lm_head if head_scale is not None else lm_head.astype(hidden.dtype)
+  return _chunked_sums(_split_chunks(hidden, chunk, 0), head, head_scale,
                        _split_chunks(targets, chunk, -1), _split_chunks(weights, chunk, 0),
                        float(z_loss_weight))
 

@@ -17,7 +17,9 @@ One step:
 
 Only trainable leaves are differentiated and accumulated; frozen ones (optimizer label "frozen":
 the pretrained token table, or a LoRA run's whole base) pass through the step unchanged, with no
-gradient buffer and no optimizer state.
+gradient buffer and no optimizer state. A LoRA base held in int8 (lora.base_dtype="int8") is
+part of the state as {"qvalue" int8, "scale"} leaves in place of the quantized kernels
+(molmo_jax/lora.py); they are frozen like the rest of the base.
 
 Round-robin dealing keeps every device busy in every micro-batch: a device holding rows
 [k·B/D, (k+1)·B/D) holds B/(D·M) rows of each micro-batch. Because the loss of each piece is
@@ -40,6 +42,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from molmo_jax import lora as lora_lib
 from molmo_jax import sharding as sharding_lib
 from molmo_jax.config import MolmoConfig
 from molmo_jax.models import layers
@@ -234,8 +237,9 @@ def abstract_train_state(model: Molmo, optimizer: MolmoOptimizer, mesh: Mesh,
                          offload_opt_state: bool = False) -> tuple[TrainState, TrainState]:
   """(ShapeDtypeStructs of the state with `.sharding` set, the state's NamedShardings).
 
-  frozen_dtype: optional dtype the frozen parameters are held in (e.g. bfloat16 for a LoRA base);
-    trainable parameters keep the model's param_dtype.
+  frozen_dtype: optional dtype the frozen float parameters are held in (e.g. bfloat16 for a LoRA
+    base); trainable parameters keep the model's param_dtype, integer leaves (an int8 LoRA
+    base's values) their own dtype.
   offload_opt_state: keep the optimizer's moments in pinned host memory (`host_offloaded`).
   """
   boxed = _abstract_boxed(model, spec)
@@ -260,13 +264,33 @@ def _with_frozen_dtype(params: Any, labels: Any, dtype: Any) -> Any:
   dtype = jnp.dtype(dtype)
 
   def cast(p, label):
-    if label != FROZEN or p.dtype == dtype:
+    if label != FROZEN or p.dtype == dtype or not jnp.issubdtype(p.dtype, jnp.floating):
       return p
     if isinstance(p, jax.ShapeDtypeStruct):
       return jax.ShapeDtypeStruct(p.shape, dtype, sharding=p.sharding)
     return p.astype(dtype)
 
   return jax.tree.map(cast, params, labels)
+
+
+def _quantized_base(model: Any) -> bool:
+  return isinstance(model, lora_lib.LoraModel) and model.lora.quantized_base
+
+
+def float_params_target(model: Molmo, mesh: Mesh, spec: Mapping[str, jax.ShapeDtypeStruct]
+                        ) -> Any:
+  """ShapeDtypeStructs (with shardings) of the float parameter tree that `init_train_state`
+  takes as `params` and a model directory (plus fresh adapters) provides: the state's own tree,
+  except for a LoRA model with an int8 base, whose quantized kernels are float here (its
+  `float_model`'s tree; a LoRA model's frozen float leaves in lora.frozen_dtype)."""
+  float_model = model.float_model if _quantized_base(model) else model
+  boxed = _abstract_boxed(float_model, spec)
+  params = nn.unbox(boxed)["params"]
+  if isinstance(model, lora_lib.LoraModel):
+    params = lora_lib.cast_frozen(params, model.lora)
+  shardings = sharding_lib.param_shardings(boxed, mesh)["params"]
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), params,
+                      shardings)
 
 
 def init_train_state(model: Molmo, optimizer: MolmoOptimizer, mesh: Mesh,
@@ -277,13 +301,15 @@ def init_train_state(model: Molmo, optimizer: MolmoOptimizer, mesh: Mesh,
 
   rng: seeds the random parameter init (split off) and becomes the dropout base key.
   params: optional parameters to start from (e.g. a converted checkpoint); the optimizer state
-    is then initialised for them and the random init is skipped.
+    is then initialised for them and the random init is skipped. For a LoRA model with an int8
+    base: the float tree (`float_params_target`), quantized here once.
   frozen_dtype, offload_opt_state: as for abstract_train_state.
   """
   abstract, shardings = abstract_train_state(model, optimizer, mesh, spec, frozen_dtype,
                                              offload_opt_state)
   init_rng, dropout_rng = jax.random.split(rng)
   init_batch = _init_batch(spec)
+  quantize = _quantized_base(model)
 
   def fresh_params():
     return nn.unbox(model.init(init_rng, init_batch))["params"]
@@ -291,14 +317,18 @@ def init_train_state(model: Molmo, optimizer: MolmoOptimizer, mesh: Mesh,
   def build(params):
     if params is None:
       params = fresh_params()
+    elif quantize:
+      params = model.quantize_base(params)
     params = jax.tree.map(lambda p, a: p.astype(a.dtype), params, abstract.params)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=optimizer.tx.init(params), rng=dropout_rng)
 
   if params is not None:
-    if jax.tree.structure(params) != jax.tree.structure(abstract.params):
-      raise ValueError("init_train_state: the given params do not have the model's parameter tree")
-    params = jax.device_put(params, shardings.params)
+    expected = float_params_target(model, mesh, spec) if quantize else abstract.params
+    if jax.tree.structure(params) != jax.tree.structure(expected):
+      raise ValueError("init_train_state: the given params do not have the model's parameter tree"
+                       + (" (an int8 LoRA base starts from the float tree)" if quantize else ""))
+    params = jax.device_put(params, jax.tree.map(lambda a: a.sharding, expected))
     # Donated: the given parameters become the state's without a second copy in memory.
     return jax.jit(build, out_shardings=shardings, donate_argnums=0)(params)
   return jax.jit(lambda: build(None), out_shardings=shardings)()
@@ -372,14 +402,20 @@ def make_loss_fn(model: Molmo, labels: Any, step_cfg: StepConfig, host_gemm: boo
   def _loss(params, batch, rng, normaliser):
     # The chunked loss applies the plain LM-head kernel itself to the model's final hidden states
     # (LoRA adapters live in DenseGeneral layers, never on the raw `lm_head` parameter, so they
-    # are in those states); a quantized or tied head keeps the model's own logits.
+    # are in those states); an int8 LoRA base's head ({"qvalue", "scale"}) runs there as int8
+    # values times scales; any other head keeps the model's own logits.
     head = params["llm"].get("lm_head") if isinstance(params.get("llm"), dict) else None
+    head_scale = None
+    if isinstance(head, dict) and set(head) == {"qvalue", "scale"}:
+      head, head_scale = head["qvalue"], head["scale"]
+    else:
+      head = head.astype(compute_dtype) if isinstance(head, jax.Array) else head
     chunked = step_cfg.loss_chunk_size > 0 and isinstance(head, jax.Array)
     logits, out = model.apply({"params": params}, model_inputs(batch), rngs={"dropout": rng},
                               compute_logits=not chunked)
     if chunked:
-      sums = chunked_loss_sums(out["hidden"], head.astype(compute_dtype), batch["target_ids"],
-                               batch["loss_weights"], step_cfg.z_loss_weight, step_cfg.loss_chunk_size)
+      sums = chunked_loss_sums(out["hidden"], head, batch["target_ids"], batch["loss_weights"],
+                               step_cfg.z_loss_weight, step_cfg.loss_chunk_size, head_scale)
     else:
       if logits.shape[-1] != vocab:
         raise ValueError(f"model logits have {logits.shape[-1]} classes, expected {vocab}")
