@@ -1,4 +1,4 @@
-"""Where does a demo model keep an object's position? Linear probes from each stage to its x.
+"""Where does a demo model keep an object's position? Linear probes from each stage to its x and y.
 
     python benchmarks/position_probe.py --recipe configs/demo.py \
         --checkpoint outputs/demo/train/checkpoints/2000
@@ -6,7 +6,7 @@
 
 For `--scenes` single-object scenes of the recipe's scene distribution, runs the model (capture
 API: `Molmo.apply(..., capture=...)`) on "Point to the <kind>." and fits ridge regressions onto the
-object's x (fraction of the width; 70 % train / 30 % held-out, best of a few ridge strengths):
+object's x and y (fractions of the width and height; 70 % train / 30 % held-out, best of a few ridge strengths):
 
   vit_embeddings  the ViT input (patch + positional embedding, pre-LN) at the object's patch
   vit_selected_K  the K-th selected ViT layer at the object's patch (global view)
@@ -94,7 +94,7 @@ def main(argv=None) -> int:
       scenes.append(scene)
 
   rows: dict[str, list] = {}
-  xs = []
+  xs, ys = [], []
   for start in range(0, len(scenes), 16):
     chunk = scenes[start:start + 16]
     prompts = [f"Point to the {kind_label(s.objects[0].colour, s.objects[0].shape)}." for s in chunk]
@@ -125,14 +125,18 @@ def main(argv=None) -> int:
       rows.setdefault("all_cells", []).append(features[:cells].reshape(-1))
       rows.setdefault("decoder_last", []).append(cap["decoder_layers"][:, j, batch.lengths[j] - 1].reshape(-1))
       xs.append(x / w)
+      ys.append(y / h)
 
   results = {name: round(ridge_r2(values, xs), 3) for name, values in rows.items()}
-  print(f"position probe: {args.checkpoint} ({len(xs)} single-object scenes; held-out R^2 of x)")
+  results_y = {name: round(ridge_r2(values, ys), 3) for name, values in rows.items()}
+  print(f"position probe: {args.checkpoint} ({len(xs)} single-object scenes; held-out R^2)")
+  print(f"  {'':<16} {'x':>6} {'y':>6}")
   for name, r2 in results.items():
-    print(f"  {name:<16} {r2:>6.2f}")
+    print(f"  {name:<16} {r2:>6.2f} {results_y[name]:>6.2f}")
   if args.out:
     Path(args.out).write_text(json.dumps({"recipe": args.recipe, "checkpoint": args.checkpoint,
-                                          "scenes": len(xs), "r2_x": results}, indent=2))
+                                          "scenes": len(xs), "r2_x": results,
+                                          "r2_y": results_y}, indent=2))
   return 0
 
 
