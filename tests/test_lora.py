@@ -31,18 +31,24 @@ def flat(tree):
   return flax.traverse_util.flatten_dict(tree, sep="/")
 
 
-@pytest.fixture(scope="module")
-def setup():
-  cfg = C.tiny("qwen2")
-  model = lora.LoraModel(Molmo(cfg), LORA)
-  batch = make_batch(cfg, seed=0)
+def _lora_run_parts(cfg, lora_cfg, batch):
+  """(LoRA model, batch spec, optimizer training only the adapters, 2x2 data x fsdp mesh)."""
+  model = lora.LoraModel(Molmo(cfg), lora_cfg)
   spec = ts.spec_of(batch)
   sched = ComponentSchedule(3e-2, 1)
   optimizer = build_optimizer(
       OptimizerConfig(total_steps=50, connector=sched, vit=sched, llm=sched,
-                      trainable_patterns=LORA.trainable_patterns()),
+                      trainable_patterns=lora_cfg.trainable_patterns()),
       ts.abstract_params(model, spec))
   mesh = sharding.make_mesh(data=2, fsdp=2, devices=jax.devices()[:4])
+  return model, spec, optimizer, mesh
+
+
+@pytest.fixture(scope="module")
+def setup():
+  cfg = C.tiny("qwen2")
+  batch = make_batch(cfg, seed=0)
+  model, spec, optimizer, mesh = _lora_run_parts(cfg, LORA, batch)
   state = ts.init_train_state(model, optimizer, mesh, spec, jax.random.PRNGKey(0))
   state0 = jax.device_get(state)
   _, shardings = ts.abstract_train_state(model, optimizer, mesh, spec)
@@ -221,14 +227,7 @@ def int8_setup(setup, tmp_path_factory):
   a checkpoint of step 2."""
   from molmo_jax.training.checkpoint import TrainCheckpointer
   cfg, batch = setup["cfg"], setup["batch"]
-  model = lora.LoraModel(Molmo(cfg), LORA8)
-  spec = ts.spec_of(batch)
-  sched = ComponentSchedule(3e-2, 1)
-  optimizer = build_optimizer(
-      OptimizerConfig(total_steps=50, connector=sched, vit=sched, llm=sched,
-                      trainable_patterns=LORA8.trainable_patterns()),
-      ts.abstract_params(model, spec))
-  mesh = sharding.make_mesh(data=2, fsdp=2, devices=jax.devices()[:4])
+  model, spec, optimizer, mesh = _lora_run_parts(cfg, LORA8, batch)
   float_params = setup["state0"].params
   state = ts.init_train_state(model, optimizer, mesh, spec, jax.random.PRNGKey(0),
                               params=float_params, frozen_dtype=LORA8.frozen_dtype)
