@@ -106,7 +106,7 @@ class ScriptedBackend(ModelBackend):
     self.step_delay_s = step_delay_s
     self.started_batches: list[int] = []
 
-  def start(self, inputs, rows, steps, sampling, seeds):
+  def start(self, inputs, rows, steps, sampling, seeds, streamed=True):
     self.started_batches.append(len(inputs))
     scripts = [self.tokenizer.encode(self.answer(p)) + [self.tokenizer.eos_id] for p in inputs]
     return _ScriptedRun(scripts, rows, self.step_delay_s)

@@ -158,14 +158,39 @@ def test_warmup_runs_every_batch_size_and_decode_length_before_serving(tokenizer
   seen = []
   start = backend.start
 
-  def recording_start(inputs, rows, steps, sampling, seeds):
-    seen.append((inputs[0].crop_slots > 1, rows, steps, sampling.max_new_tokens, sampling.temperature))
-    return start(inputs, rows, steps, sampling, seeds)
+  def recording_start(inputs, rows, steps, sampling, seeds, streamed=True):
+    seen.append((inputs[0].crop_slots > 1, rows, steps, sampling.max_new_tokens, sampling.temperature,
+                 streamed))
+    return start(inputs, rows, steps, sampling, seeds, streamed)
 
   backend.start = recording_start
   engine = BatchingEngine(backend, max_batch=4, step_bucket=32)
-  assert engine.warmup(max_tokens=[5, 40, 64]) == 2 * 2 * 3
-  expected = {(image, rows, steps, steps, 0.0)
-              for image in (False, True) for rows in (1, 2, 4) for steps in (32, 64)}
+  # Streamed and unstreamed batches decode in chunks of different lengths: both compile.
+  assert backend.quiet_chunk != backend.decode_chunk
+  assert engine.warmup(max_tokens=[5, 40, 64]) == 2 * 2 * 3 * 2
+  expected = {(image, rows, steps, steps, 0.0, streamed) for image in (False, True)
+              for rows in (1, 2, 4) for steps in (32, 64) for streamed in (False, True)}
   assert set(seen) == expected and len(seen) == len(expected)
   assert "completed" not in engine.snapshot()    # warm-up batches are not requests
+
+
+def test_only_batches_with_a_streamed_request_decode_in_short_chunks(tokenizer_dir):
+  backend = ScriptedBackend(tokenizer_dir, lambda p: "fine thanks")
+  flags = []
+  start = backend.start
+
+  def recording_start(inputs, rows, steps, sampling, seeds, streamed=True):
+    flags.append(streamed)
+    return start(inputs, rows, steps, sampling, seeds, streamed)
+
+  backend.start = recording_start
+  with running_server(backend) as (url, _):
+    plain = _ask(url, "How are you?").json()
+    with httpx.stream("POST", url + "/v1/chat/completions", timeout=60,
+                      json={"messages": [{"role": "user", "content": "How are you?"}],
+                            "stream": True}) as response:
+      events = _sse(response)
+  assert plain["choices"][0]["message"]["content"] == "fine thanks"
+  pieces = [json.loads(e)["choices"][0]["delta"].get("content") or "" for e in events[:-1]]
+  assert "".join(pieces) == "fine thanks" and events[-1] == "[DONE]"
+  assert flags == [False, True]

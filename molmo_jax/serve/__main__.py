@@ -44,6 +44,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                       'prompt-length bucket); default: powers of two up to --max-batch')
   p.add_argument("--decode-chunk", type=int, default=8,
                  help="tokens decoded per call into the compiled program (streamed together)")
+  p.add_argument("--quiet-decode-chunk", type=int, default=32,
+                 help="tokens decoded per call for a batch where no request streams (default 32)")
   p.add_argument("--prefill-rows", type=int, default=2,
                  help="rows of a batch whose prompt and images run through the model together "
                       "(0 = the whole batch at once)")
@@ -53,6 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--warmup-kinds", default="text,image",
                  help='which requests the warm-up compiles for: "text" (no image), "image" (a small '
                       'image) or both')
+  p.add_argument("--prepare-threads", type=int, default=2,
+                 help="threads that decode images and build model inputs (default 2)")
   p.add_argument("--batch-wait-ms", type=float, default=10.0,
                  help="how long a request waits for others to batch with when the server is idle")
   p.add_argument("--queue-size", type=int, default=128,
@@ -70,7 +74,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   args = p.parse_args(argv)
   if args.local_images is not None and not Path(args.local_images).is_dir():
     p.error(f"--local-images {args.local_images}: no such directory")
-  for name in ("port", "max_batch", "decode_chunk", "queue_size", "default_max_tokens", "max_tokens_limit",
+  for name in ("port", "max_batch", "decode_chunk", "quiet_decode_chunk", "prepare_threads", "queue_size", "default_max_tokens", "max_tokens_limit",
                "max_image_pixels"):
     if getattr(args, name) is not None and getattr(args, name) < 1:
       p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -135,7 +139,8 @@ def main(argv=None) -> int:
   predictor = Predictor.from_checkpoint(args.checkpoint, dtype=args.dtype, mesh=mesh,
                                         max_crops=args.max_crops, resize_method=args.resize_method,
                                         step=args.step, quantize=args.quantize)
-  backend = ModelBackend(predictor, decode_chunk=args.decode_chunk, prefill_rows=args.prefill_rows)
+  backend = ModelBackend(predictor, decode_chunk=args.decode_chunk, prefill_rows=args.prefill_rows,
+                         quiet_chunk=args.quiet_decode_chunk)
   engine = BatchingEngine(backend, max_batch=args.max_batch, batch_wait_s=args.batch_wait_ms / 1000,
                           queue_size=args.queue_size, batch_sizes=args.batch_sizes)
   if args.warmup_max_tokens:
@@ -147,7 +152,7 @@ def main(argv=None) -> int:
       model_name=args.model_name or Path(args.checkpoint).resolve().name,
       max_body_bytes=int(args.max_body_mb * 2**20), default_max_tokens=args.default_max_tokens,
       max_tokens_limit=args.max_tokens_limit, request_timeout_s=args.request_timeout,
-      local_image_dir=args.local_images)
+      local_image_dir=args.local_images, prepare_threads=args.prepare_threads)
   app = create_app(engine, settings)
   print(f"serving {settings.model_name} on http://{args.host}:{args.port}/ "
         f"(OpenAI API at http://{args.host}:{args.port}/v1)", file=sys.stderr, flush=True)

@@ -13,6 +13,7 @@ Retry-After when the queue is full, 504 past the request timeout.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import json
 import logging
@@ -23,7 +24,6 @@ from typing import Any, AsyncIterator
 
 import pydantic
 from fastapi import FastAPI, Request
-from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -43,16 +43,23 @@ class ServeSettings:
   max_tokens_limit: int = 1024
   request_timeout_s: float = 120.0
   local_image_dir: str | None = None
+  prepare_threads: int = 2           # threads decoding images and building examples
 
 
 def create_app(engine: BatchingEngine, settings: ServeSettings) -> FastAPI:
   """The app over a started engine; the engine is stopped when the app shuts down."""
   from contextlib import asynccontextmanager
 
+  # Image decoding and example building hold the GIL for much of their time, so a few threads
+  # (not anyio's default 40) keep up with the engine without thrashing the event loop's thread.
+  prepare_pool = concurrent.futures.ThreadPoolExecutor(max(1, settings.prepare_threads),
+                                                       thread_name_prefix="molmo-prepare")
+
   @asynccontextmanager
   async def lifespan(app):
     yield
     engine.stop()
+    prepare_pool.shutdown(wait=False, cancel_futures=True)
 
   app = FastAPI(title="molmo_jax", lifespan=lifespan, docs_url=None, redoc_url=None,
                 openapi_url=None)
@@ -102,8 +109,27 @@ def create_app(engine: BatchingEngine, settings: ServeSettings) -> FastAPI:
     if chat.model is not None and chat.model != settings.model_name:
       raise APIError(404, f"model {chat.model!r} is not served here; this server serves "
                      f"{settings.model_name!r}", param="model", code="model_not_found")
-    job = await run_in_threadpool(_make_job, engine, settings, chat)
     loop = asyncio.get_running_loop()
+    job = await loop.run_in_executor(prepare_pool, _make_job, engine, settings, chat)
+    completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+    if not chat.stream:   # one event to wait for: the answer (or the error)
+      job.stream = False
+      answer = loop.create_future()
+
+      def deliver(event):
+        try:
+          loop.call_soon_threadsafe(_settle, answer, event)
+        except RuntimeError:  # loop closed
+          job.cancel()
+
+      job.sink = deliver
+      engine.submit(job)
+      try:
+        completion = await _wait(request, job, answer)
+      except _ClientGone:
+        return Response(status_code=499)   # nobody reads it; the job was cancelled
+      return _response(completion, completion_id, settings.model_name)
+
     events: asyncio.Queue = asyncio.Queue()
 
     def sink(event):
@@ -114,17 +140,10 @@ def create_app(engine: BatchingEngine, settings: ServeSettings) -> FastAPI:
 
     job.sink = sink
     engine.submit(job)
-    completion_id = f"chatcmpl-{uuid.uuid4().hex}"
-    if chat.stream:
-      include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
-      return StreamingResponse(_stream(job, events, completion_id, settings.model_name, include_usage),
-                               media_type="text/event-stream",
-                               headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    try:
-      completion = await _wait(request, job, events)
-    except _ClientGone:
-      return Response(status_code=499)   # nobody reads it; the job was cancelled
-    return _response(completion, completion_id, settings.model_name)
+    include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
+    return StreamingResponse(_stream(job, events, completion_id, settings.model_name, include_usage),
+                             media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
   return app
 
@@ -186,8 +205,8 @@ class _ClientGone(Exception):
   pass
 
 
-async def _next_event(job: Job, events: asyncio.Queue, request: Request | None = None):
-  """The job's next event; a timeout or (non-streaming) client disconnect cancels it."""
+async def _next_event(job: Job, events: asyncio.Queue):
+  """The streamed job's next event; past its deadline the job is cancelled."""
   while True:
     remaining = job.deadline - time.monotonic()
     if remaining <= 0:
@@ -196,19 +215,29 @@ async def _next_event(job: Job, events: asyncio.Queue, request: Request | None =
     try:
       return await asyncio.wait_for(events.get(), timeout=min(remaining, 0.5))
     except asyncio.TimeoutError:
-      if request is not None and await request.is_disconnected():
-        job.cancel()
-        raise _ClientGone()
+      pass
 
 
-async def _wait(request: Request, job: Job, events: asyncio.Queue) -> Completion:
+def _settle(answer: asyncio.Future, event: Any) -> None:
+  if not answer.done():
+    answer.set_result(event)
+
+
+async def _wait(request: Request, job: Job, answer: asyncio.Future) -> Completion:
+  """The non-streamed job's answer; a timeout or a client disconnect cancels the job."""
   try:
     while True:
-      event = await _next_event(job, events, request)
-      if isinstance(event, Finished):
+      remaining = job.deadline - time.monotonic()
+      if remaining <= 0:
+        raise timeout_error(job)
+      settled, _ = await asyncio.wait((answer,), timeout=min(remaining, 0.5))
+      if settled:
+        event = answer.result()
+        if isinstance(event, Failed):
+          raise event.error
         return event.completion
-      if isinstance(event, Failed):
-        raise event.error
+      if await request.is_disconnected():
+        raise _ClientGone()
   finally:
     if not job.finished.is_set():
       job.cancel()

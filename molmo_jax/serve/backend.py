@@ -55,18 +55,22 @@ class ModelBackend:
   `decode_chunk` tokens are decoded per call into the compiled program (a `lax.while_loop` over
   `decode_step`, as in `generate`): one call per token would spend more time dispatching than
   computing on small models, while chunks of a few tokens still stream smoothly and let the
-  engine drop cancelled rows between chunks.
+  engine drop cancelled rows between chunks. A batch where no request streams decodes
+  `quiet_chunk` tokens per call (fewer dispatches and host round trips; cancelled rows are
+  dropped at the same granularity).
   """
 
-  def __init__(self, predictor: Any, decode_chunk: int = 8, prefill_rows: int = 2):
+  def __init__(self, predictor: Any, decode_chunk: int = 8, prefill_rows: int = 2,
+               quiet_chunk: int = 32):
     """prefill_rows: the prompt and vision tower of a batch run this many rows at a time inside
     its one compiled prefill (0 = all rows at once). On CPU a whole batch of 32 image requests
     at once costs more per row than two at a time (its activations no longer fit the caches)."""
-    if decode_chunk < 1:
-      raise ValueError(f"decode_chunk must be >= 1, got {decode_chunk}")
+    if decode_chunk < 1 or quiet_chunk < 1:
+      raise ValueError(f"decode_chunk and quiet_chunk must be >= 1, got {decode_chunk}, {quiet_chunk}")
     if prefill_rows < 0:
       raise ValueError(f"prefill_rows must be >= 0, got {prefill_rows}")
     self.decode_chunk = decode_chunk
+    self.quiet_chunk = quiet_chunk
     self.prefill_rows = prefill_rows
     self.compiled: set[tuple] = set()   # shapes the jitted functions have been called with
     self.predictor = predictor
@@ -118,9 +122,10 @@ class ModelBackend:
   # ---- batches -> tokens ----------------------------------------------------------------------
 
   def start(self, inputs: list[PreparedInput], rows: int, steps: int, sampling: SamplingConfig,
-            seeds: list[int]) -> BatchRun:
+            seeds: list[int], streamed: bool = True) -> BatchRun:
     """Pads `inputs` to `rows` rows (copies of the first; the caller marks them done) and runs
-    the prefill."""
+    the prefill. `streamed`: some row streams its tokens (decode `decode_chunk` tokens per
+    call, else `quiet_chunk`)."""
     padded = inputs + [inputs[0]] * (rows - len(inputs))
     seq_len = max(p.length_bucket for p in padded)
     slots = max(p.crop_slots for p in padded)
@@ -128,8 +133,9 @@ class ModelBackend:
     # One call for all rows' keys (a PRNGKey call per row costs ~4 ms of dispatch each on CPU).
     keys = np.asarray(_keys_from_seeds(np.asarray(seeds + [0] * (rows - len(seeds)), np.uint32)))
     self._note_shape(("prefill", rows, seq_len, slots, steps))
-    self._note_shape(("decode", rows, seq_len + steps, sampling))
-    return _ModelRun(self, batch, keys, steps, sampling)
+    chunk = self.decode_chunk if streamed else self.quiet_chunk
+    self._note_shape(("decode", rows, seq_len + steps, sampling, chunk))
+    return _ModelRun(self, batch, keys, steps, sampling, chunk)
 
   def _note_shape(self, key: tuple) -> None:
     """Counts the shapes the jitted functions see: a new one is a compilation (logged, and
@@ -161,9 +167,9 @@ class ModelBackend:
                                      rows_per_pass=rows_per_pass))
 
   @functools.lru_cache(maxsize=16)
-  def _chunk_fn(self, sampling: SamplingConfig):
+  def _chunk_fn(self, sampling: SamplingConfig, chunk: int):
     return jax.jit(functools.partial(decode_chunk, model=self.predictor.model, sampling=sampling,
-                                     chunk=self.decode_chunk), donate_argnums=(1,))
+                                     chunk=chunk), donate_argnums=(1,))
 
 
 @jax.jit
@@ -202,8 +208,9 @@ def decode_chunk(params: Any, state: DecodeState, slot: jax.Array, index: jax.Ar
 
 class _ModelRun:
   def __init__(self, backend: ModelBackend, batch: dict[str, np.ndarray], keys: np.ndarray,
-               steps: int, sampling: SamplingConfig):
+               steps: int, sampling: SamplingConfig, chunk: int):
     self.backend = backend
+    self.chunk = chunk
     self.params = backend.predictor.params
     self.prompt_length = batch["input_ids"].shape[1]
     self.index = 0
@@ -225,9 +232,11 @@ class _ModelRun:
 
   def step(self, done: np.ndarray, remaining: np.ndarray) -> np.ndarray:
     with self._context():
-      self.state, tokens, steps = self.backend._chunk_fn(self.sampling)(
-          self.params, self.state, jnp.int32(self.prompt_length + self.index),
-          jnp.int32(self.index), jnp.asarray(done), jnp.asarray(remaining, jnp.int32), self.keys)
+      # numpy arguments go to the compiled program directly (jnp.* here would each be an eager
+      # dispatch).
+      self.state, tokens, steps = self.backend._chunk_fn(self.sampling, self.chunk)(
+          self.params, self.state, np.int32(self.prompt_length + self.index),
+          np.int32(self.index), np.asarray(done), np.asarray(remaining, np.int32), self.keys)
       tokens, steps = jax.device_get((tokens, steps))
     self.index += int(steps)
     return np.asarray(tokens)[:, :max(int(steps), 1)]

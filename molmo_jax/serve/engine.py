@@ -72,6 +72,7 @@ class Job:
   seed: int | None = None
   stop: tuple[str, ...] = ()
   timeout_s: float = 120.0
+  stream: bool = True                  # False: only Finished/Failed are delivered (no Delta)
   sink: Callable[[Any], None] = lambda event: None
   cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
   finished: threading.Event = dataclasses.field(default_factory=threading.Event)
@@ -89,6 +90,8 @@ class Job:
     self.cancelled.set()
 
   def emit(self, event: Any) -> None:
+    if isinstance(event, Delta) and not self.stream:
+      return
     if isinstance(event, (Finished, Failed)):
       if self.finished.is_set():
         return
@@ -208,13 +211,17 @@ class BatchingEngine:
     steps_buckets = sorted({-(-m // self.step_bucket) * self.step_bucket for m in max_tokens})
     sampling = SamplingConfig(temperature=0.0, eos_id=backend.tokenizer.eos_id)
     started, runs = time.monotonic(), 0
+    # Streamed and unstreamed batches decode different chunk lengths (ModelBackend.quiet_chunk).
+    streamed = (True, False) if getattr(backend, "quiet_chunk", None) not in (
+        None, getattr(backend, "decode_chunk", None)) else (True,)
     for prepared in inputs:
       for steps in steps_buckets:
         for rows in self.batch_sizes:
-          run = backend.start([prepared], rows, steps, dataclasses.replace(
-              sampling, max_new_tokens=steps), [0])
-          run.step(np.arange(rows) > 0, np.full(rows, steps))
-          runs += 1
+          for stream in streamed:
+            run = backend.start([prepared], rows, steps, dataclasses.replace(
+                sampling, max_new_tokens=steps), [0], streamed=stream)
+            run.step(np.arange(rows) > 0, np.full(rows, steps))
+            runs += 1
     _log.info("warm-up: %d batch shapes in %.1f s", runs, time.monotonic() - started)
     return runs
 
@@ -315,7 +322,8 @@ class BatchingEngine:
     self.stats["batches"] += 1
     self.stats["batched_requests"] += n
     started = time.monotonic()
-    run = backend.start([job.prepared for job in jobs], rows, steps, sampling, seeds)
+    run = backend.start([job.prepared for job in jobs], rows, steps, sampling, seeds,
+                        streamed=any(job.stream for job in jobs))
     done = np.ones(rows, bool)
     done[:n] = False
     texts = [_RowText(tokenizer, job.stop) for job in jobs]
@@ -352,8 +360,11 @@ class BatchingEngine:
           self._finish(job, texts[row], "length")
           done[row] = True
           continue
-        # One decode of the row's text per chunk, not per token.
-        delta, stopped = texts[row].push(new_tokens)
+        if not job.stream and not job.stop:   # nothing to stream or to look for in the text:
+          texts[row].tokens.extend(new_tokens)  # decoded once, when the row finishes
+          delta, stopped = "", False
+        else:                                   # one decode of the row's text per chunk
+          delta, stopped = texts[row].push(new_tokens)
         if delta:
           job.emit(Delta(delta))
         if stopped or new_tokens[-1] == tokenizer.eos_id:
@@ -365,9 +376,10 @@ class BatchingEngine:
     _log.debug("batch of %d (%d rows, %d steps) in %.3f s", n, rows, steps, time.monotonic() - started)
 
   def _finish(self, job: Job, text: _RowText, reason: str) -> None:
-    delta = text.finish()
-    if delta:
-      job.emit(Delta(delta))
+    if job.stream:
+      delta = text.finish()
+      if delta:
+        job.emit(Delta(delta))
     answer = text.final_text()
     size = job.prepared.image_size
     points = (points_lib.parse_points(answer, size).round(2).tolist() if size else [])
