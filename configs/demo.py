@@ -1,11 +1,11 @@
-"""The built-in demo: a tiny Molmo trained from scratch on synthetic shapes (2 CPU cores, ~17 min).
+"""The built-in demo: a tiny Molmo trained from scratch on synthetic shapes (2 CPU cores, ~15 min).
 
   python -m molmo_jax.demo --workdir outputs/demo            # what `make demo` runs
   python train.py --config configs/demo.py --workdir /tmp/demo-train   # training only
 
 Same architecture family as Molmo-7B-D (CLIP-style ViT -> 2x2 attention-meanq pooling -> SwiGLU
 projector -> pre-norm Qwen2-style decoder with GQA and qkv bias), shrunk to what 2 CPU cores
-train in about 15 minutes (2000 steps of 16 examples at ~0.3-0.45 s/step): 64 px crops of 8 px
+train in about 13 minutes (1600 steps of 16 examples at ~0.3-0.5 s/step): 64 px crops of 8 px
 patches with the released overlap-and-resize logic, one high-res crop plus the global view, a
 3-block ViT of width 128 and a 3-layer decoder of width 192. Scenes are 64 px squares with 0-3
 circles/squares in red/green/blue, each 30-42 % of the side; half the questions ask to count a
@@ -42,7 +42,7 @@ DEMO_LEARNING_RATES = dict(connector=2e-4, vit=5e-4, llm=6e-4)
 
 
 def get_config(arg: str | None = None):
-  args = parse_arg(arg, {"steps": "2000", "batch": "16"})
+  args = parse_arg(arg, {"steps": "1600", "batch": "16"})
   c = base_config()
   c.model.name = "tiny-qwen2"
   c.model.dtype = "float32"
