@@ -24,7 +24,7 @@ install: $(VENV)/.installed-test
 
 install-tpu: $(VENV)/.installed-tpu
 
-# Main job: train a tiny Molmo on synthetic data, evaluate it, draw its points (CPU, ~17 min).
+# Main job: train a tiny Molmo on synthetic data, evaluate it, draw its points (CPU, ~15 min).
 # glibc.malloc.hugetlb=1 makes malloc use transparent huge pages: XLA:CPU allocates and frees a
 # large temporary buffer every step, which otherwise costs tens of thousands of page faults per
 # step. glibc reads it only at process start, hence here and not in Python.
