@@ -74,8 +74,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   args = p.parse_args(argv)
   if args.local_images is not None and not Path(args.local_images).is_dir():
     p.error(f"--local-images {args.local_images}: no such directory")
-  for name in ("port", "max_batch", "decode_chunk", "quiet_decode_chunk", "prepare_threads", "queue_size", "default_max_tokens", "max_tokens_limit",
-               "max_image_pixels"):
+  for name in ("port", "max_batch", "decode_chunk", "quiet_decode_chunk", "prepare_threads",
+               "queue_size", "default_max_tokens", "max_tokens_limit", "max_image_pixels"):
     if getattr(args, name) is not None and getattr(args, name) < 1:
       p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
   for name in ("request_timeout", "max_body_mb"):
