@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from molmo_jax import config as C
-from molmo_jax.data import demo_tokenizer, synthetic
+from molmo_jax.data import demo_tokenizer, mixture, synthetic
 from molmo_jax.data import pipeline as P
 from molmo_jax.data.sources import HFSource, JsonlSource, RecordError, SourceConfig, open_source
 from molmo_jax.data.synthetic import SyntheticRecords
@@ -215,26 +215,26 @@ def test_hf_parquet_and_save_to_disk_sources(tmp_path, tok):
 def test_mixture_rates_follow_the_sqrt_rule_and_group_rates():
   a, b, c = SourceConfig("a", "jsonl", "x"), SourceConfig("b", "jsonl", "x"), SourceConfig(
       "c", "jsonl", "x", size=900)
-  np.testing.assert_allclose(P.mixture_rates([a, b], [100, 400]), [1 / 3, 2 / 3])
+  np.testing.assert_allclose(mixture.mixture_rates([a, b], [100, 400]), [1 / 3, 2 / 3])
   # size overrides the true length (pixmo_cap "counted as 50,000").
-  np.testing.assert_allclose(P.mixture_rates([a, c], [100, 1_000_000]), [10 / 40, 30 / 40])
+  np.testing.assert_allclose(mixture.mixture_rates([a, c], [100, 1_000_000]), [10 / 40, 30 / 40])
   explicit = [SourceConfig("a", "jsonl", "x", rate=3), SourceConfig("b", "jsonl", "x", rate=1)]
-  np.testing.assert_allclose(P.mixture_rates(explicit, [5, 5000]), [0.75, 0.25])
+  np.testing.assert_allclose(mixture.mixture_rates(explicit, [5, 5000]), [0.75, 0.25])
   grouped = [SourceConfig("a", "jsonl", "x", group="demo"),
              SourceConfig("b", "jsonl", "x", group="demo"),
              SourceConfig("c", "jsonl", "x", group="aux")]
-  rates = P.mixture_rates(grouped, [100, 400, 7], {"demo": 0.2, "aux": 0.6})
+  rates = mixture.mixture_rates(grouped, [100, 400, 7], {"demo": 0.2, "aux": 0.6})
   np.testing.assert_allclose(rates, [0.25 / 3, 0.5 / 3, 0.75])
   with pytest.raises(ValueError, match="have no rate"):
-    P.mixture_rates([explicit[0], b], [1, 1])
+    mixture.mixture_rates([explicit[0], b], [1, 1])
   with pytest.raises(ValueError, match="no group in group_rates"):
-    P.mixture_rates(grouped, [1, 1, 1], {"demo": 1.0})
+    mixture.mixture_rates(grouped, [1, 1, 1], {"demo": 1.0})
 
 
 def test_mixture_draws_match_rates_and_reshuffle_each_epoch():
   rates = np.array([0.5, 0.3, 0.2])
   sizes = [40, 25, 7]
-  plan = P.MixturePlan(sizes, rates, seed=11, shuffle=True, block=512)
+  plan = mixture.MixturePlan(sizes, rates, seed=11, shuffle=True, block=512)
   located = [plan.locate(k) for k in range(2000)]
   drawn = np.bincount([s for s, _, _ in located], minlength=3) / 2000
   tolerance = 4 * np.sqrt(rates * (1 - rates) / 2000)
@@ -246,8 +246,8 @@ def test_mixture_draws_match_rates_and_reshuffle_each_epoch():
       assert sorted(epoch) == list(range(size))     # every record once per epoch
     assert epochs[0] != epochs[1]                    # a new permutation each epoch
   # Random access far ahead agrees with sequential access; a new plan gives the same answers.
-  assert P.MixturePlan(sizes, rates, 11, True, block=512).locate(1999) == located[1999]
-  ordered = P.MixturePlan(sizes, rates, 11, shuffle=False, block=512)
+  assert mixture.MixturePlan(sizes, rates, 11, True, block=512).locate(1999) == located[1999]
+  ordered = mixture.MixturePlan(sizes, rates, 11, shuffle=False, block=512)
   assert [r for s, r, _ in (ordered.locate(k) for k in range(400)) if s == 2][:9] == [
       0, 1, 2, 3, 4, 5, 6, 0, 1]
 
