@@ -106,7 +106,7 @@ class ScriptedBackend(ModelBackend):
     self.step_delay_s = step_delay_s
     self.started_batches: list[int] = []
 
-  def start(self, inputs, rows, steps, sampling, seeds, streamed=True):
+  def start(self, inputs, rows, steps, sampling, seeds):
     self.started_batches.append(len(inputs))
     scripts = [self.tokenizer.encode(self.answer(p)) + [self.tokenizer.eos_id] for p in inputs]
     return _ScriptedRun(scripts, rows, self.step_delay_s)
@@ -116,7 +116,7 @@ class _ScriptedRun:
   def __init__(self, scripts, rows, delay):
     self.scripts, self.rows, self.delay, self.index = scripts, rows, delay, 0
 
-  def step(self, done, remaining):
+  def step(self, done, remaining, chunk):
     time.sleep(self.delay)
     out = np.full((self.rows, 1), -1, np.int64)
     for row, script in enumerate(self.scripts):

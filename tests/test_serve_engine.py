@@ -158,30 +158,46 @@ def test_warmup_runs_every_batch_size_and_decode_length_before_serving(tokenizer
   seen = []
   start = backend.start
 
-  def recording_start(inputs, rows, steps, sampling, seeds, streamed=True):
-    seen.append((inputs[0].crop_slots > 1, rows, steps, sampling.max_new_tokens, sampling.temperature,
-                 streamed))
-    return start(inputs, rows, steps, sampling, seeds, streamed)
+  def recording_start(inputs, rows, steps, sampling, seeds):
+    run = start(inputs, rows, steps, sampling, seeds)
+    step = run.step
+
+    def recording_step(done, remaining, chunk):
+      seen.append((inputs[0].crop_slots > 1, rows, steps, sampling.max_new_tokens,
+                   sampling.temperature, chunk))
+      return step(done, remaining, chunk)
+
+    run.step = recording_step
+    return run
 
   backend.start = recording_start
   engine = BatchingEngine(backend, max_batch=4, step_bucket=32)
-  # Streamed and unstreamed batches decode in chunks of different lengths: both compile.
-  assert backend.quiet_chunk != backend.decode_chunk
-  assert engine.warmup(max_tokens=[5, 40, 64]) == 2 * 2 * 3 * 2
-  expected = {(image, rows, steps, steps, 0.0, streamed) for image in (False, True)
-              for rows in (1, 2, 4) for steps in (32, 64) for streamed in (False, True)}
+  assert engine.warmup(max_tokens=[5, 40, 64]) == 2 * 2 * 3
+  # Streamed and unstreamed batches decode chunks of different lengths: both compile.
+  chunks = (backend.decode_chunk, backend.quiet_chunk)
+  assert chunks[0] != chunks[1]
+  expected = {(image, rows, steps, steps, 0.0, chunk) for image in (False, True)
+              for rows in (1, 2, 4) for steps in (32, 64) for chunk in chunks}
   assert set(seen) == expected and len(seen) == len(expected)
   assert "completed" not in engine.snapshot()    # warm-up batches are not requests
 
 
 def test_only_batches_with_a_streamed_request_decode_in_short_chunks(tokenizer_dir):
   backend = ScriptedBackend(tokenizer_dir, lambda p: "fine thanks")
-  flags = []
+  batches = []   # the chunk length of every decode call, per batch
   start = backend.start
 
-  def recording_start(inputs, rows, steps, sampling, seeds, streamed=True):
-    flags.append(streamed)
-    return start(inputs, rows, steps, sampling, seeds, streamed)
+  def recording_start(inputs, rows, steps, sampling, seeds):
+    run = start(inputs, rows, steps, sampling, seeds)
+    step = run.step
+
+    def recording_step(done, remaining, chunk):
+      batches[-1].append(chunk)
+      return step(done, remaining, chunk)
+
+    run.step = recording_step
+    batches.append([])
+    return run
 
   backend.start = recording_start
   with running_server(backend) as (url, _):
@@ -193,4 +209,5 @@ def test_only_batches_with_a_streamed_request_decode_in_short_chunks(tokenizer_d
   assert plain["choices"][0]["message"]["content"] == "fine thanks"
   pieces = [json.loads(e)["choices"][0]["delta"].get("content") or "" for e in events[:-1]]
   assert "".join(pieces) == "fine thanks" and events[-1] == "[DONE]"
-  assert flags == [False, True]
+  assert backend.quiet_chunk != backend.decode_chunk
+  assert [set(chunks) for chunks in batches] == [{backend.quiet_chunk}, {backend.decode_chunk}]

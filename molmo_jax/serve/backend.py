@@ -43,10 +43,9 @@ class PreparedInput:
 
 
 class BatchRun(Protocol):
-  def step(self, done: np.ndarray, remaining: np.ndarray) -> np.ndarray:
-    """The next tokens of every row, [B, k] with 1 <= k <= the run's chunk: a row stops inside
-    the chunk after EOS or after `remaining[row]` tokens, and is -1 from there (and where
-    done[row])."""
+  def step(self, done: np.ndarray, remaining: np.ndarray, chunk: int) -> np.ndarray:
+    """The next tokens of every row, [B, k] with 1 <= k <= chunk: a row stops inside the chunk
+    after EOS or after `remaining[row]` tokens, and is -1 from there (and where done[row])."""
 
 
 class ModelBackend:
@@ -57,7 +56,7 @@ class ModelBackend:
   computing on small models, while chunks of a few tokens still stream smoothly and let the
   engine drop cancelled rows between chunks. A batch where no request streams decodes
   `quiet_chunk` tokens per call (fewer dispatches and host round trips; cancelled rows are
-  dropped at the same granularity).
+  dropped at the same granularity); the engine picks the chunk of each `BatchRun.step`.
   """
 
   def __init__(self, predictor: Any, decode_chunk: int = 8, prefill_rows: int = 2,
@@ -122,10 +121,9 @@ class ModelBackend:
   # ---- batches -> tokens ----------------------------------------------------------------------
 
   def start(self, inputs: list[PreparedInput], rows: int, steps: int, sampling: SamplingConfig,
-            seeds: list[int], streamed: bool = True) -> BatchRun:
+            seeds: list[int]) -> BatchRun:
     """Pads `inputs` to `rows` rows (copies of the first; the caller marks them done) and runs
-    the prefill. `streamed`: some row streams its tokens (decode `decode_chunk` tokens per
-    call, else `quiet_chunk`)."""
+    the prefill."""
     padded = inputs + [inputs[0]] * (rows - len(inputs))
     seq_len = max(p.length_bucket for p in padded)
     slots = max(p.crop_slots for p in padded)
@@ -133,9 +131,7 @@ class ModelBackend:
     # One call for all rows' keys (a PRNGKey call per row costs ~4 ms of dispatch each on CPU).
     keys = np.asarray(_keys_from_seeds(np.asarray(seeds + [0] * (rows - len(seeds)), np.uint32)))
     self._note_shape(("prefill", rows, seq_len, slots, steps))
-    chunk = self.decode_chunk if streamed else self.quiet_chunk
-    self._note_shape(("decode", rows, seq_len + steps, sampling, chunk))
-    return _ModelRun(self, batch, keys, steps, sampling, chunk)
+    return _ModelRun(self, batch, keys, steps, sampling)
 
   def _note_shape(self, key: tuple) -> None:
     """Counts the shapes the jitted functions see: a new one is a compilation (logged, and
@@ -208,9 +204,9 @@ def decode_chunk(params: Any, state: DecodeState, slot: jax.Array, index: jax.Ar
 
 class _ModelRun:
   def __init__(self, backend: ModelBackend, batch: dict[str, np.ndarray], keys: np.ndarray,
-               steps: int, sampling: SamplingConfig, chunk: int):
+               steps: int, sampling: SamplingConfig):
     self.backend = backend
-    self.chunk = chunk
+    self.cache_length = batch["input_ids"].shape[1] + steps
     self.params = backend.predictor.params
     self.prompt_length = batch["input_ids"].shape[1]
     self.index = 0
@@ -230,11 +226,12 @@ class _ModelRun:
       return contextlib.nullcontext()
     return sharding.activate(self.backend.mesh)
 
-  def step(self, done: np.ndarray, remaining: np.ndarray) -> np.ndarray:
+  def step(self, done: np.ndarray, remaining: np.ndarray, chunk: int) -> np.ndarray:
+    self.backend._note_shape(("decode", len(done), self.cache_length, self.sampling, chunk))
     with self._context():
       # numpy arguments go to the compiled program directly (jnp.* here would each be an eager
       # dispatch).
-      self.state, tokens, steps = self.backend._chunk_fn(self.sampling, self.chunk)(
+      self.state, tokens, steps = self.backend._chunk_fn(self.sampling, chunk)(
           self.params, self.state, np.int32(self.prompt_length + self.index),
           np.int32(self.index), np.asarray(done), np.asarray(remaining, np.int32), self.keys)
       tokens, steps = jax.device_get((tokens, steps))

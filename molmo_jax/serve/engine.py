@@ -211,17 +211,18 @@ class BatchingEngine:
     steps_buckets = sorted({-(-m // self.step_bucket) * self.step_bucket for m in max_tokens})
     sampling = SamplingConfig(temperature=0.0, eos_id=backend.tokenizer.eos_id)
     started, runs = time.monotonic(), 0
-    # Streamed and unstreamed batches decode different chunk lengths (ModelBackend.quiet_chunk).
-    streamed = (True, False) if getattr(backend, "quiet_chunk", None) not in (
-        None, getattr(backend, "decode_chunk", None)) else (True,)
+    # Streamed and unstreamed batches decode chunks of different lengths: both compile, one
+    # after the other on the same prefill.
+    chunks = sorted({backend.decode_chunk, backend.quiet_chunk})
     for prepared in inputs:
       for steps in steps_buckets:
         for rows in self.batch_sizes:
-          for stream in streamed:
-            run = backend.start([prepared], rows, steps, dataclasses.replace(
-                sampling, max_new_tokens=steps), [0], streamed=stream)
-            run.step(np.arange(rows) > 0, np.full(rows, steps))
-            runs += 1
+          run = backend.start([prepared], rows, steps, dataclasses.replace(
+              sampling, max_new_tokens=steps), [0])
+          left = steps
+          for chunk in chunks:
+            left -= run.step(np.arange(rows) > 0, np.full(rows, left), chunk).shape[1]
+          runs += 1
     _log.info("warm-up: %d batch shapes in %.1f s", runs, time.monotonic() - started)
     return runs
 
@@ -322,8 +323,8 @@ class BatchingEngine:
     self.stats["batches"] += 1
     self.stats["batched_requests"] += n
     started = time.monotonic()
-    run = backend.start([job.prepared for job in jobs], rows, steps, sampling, seeds,
-                        streamed=any(job.stream for job in jobs))
+    run = backend.start([job.prepared for job in jobs], rows, steps, sampling, seeds)
+    chunk = backend.decode_chunk if any(job.stream for job in jobs) else backend.quiet_chunk
     done = np.ones(rows, bool)
     done[:n] = False
     texts = [_RowText(tokenizer, job.stop) for job in jobs]
@@ -343,13 +344,13 @@ class BatchingEngine:
         break
       remaining = np.array([job.max_tokens - len(texts[row].tokens) for row, job in enumerate(jobs)]
                            + [0] * (rows - n))
-      chunk = run.step(done.copy(), remaining)
-      self.stats["decode_steps"] += chunk.shape[1]
+      tokens = run.step(done.copy(), remaining, chunk)
+      self.stats["decode_steps"] += tokens.shape[1]
       for row, job in enumerate(jobs):
         if done[row]:
           continue
         new_tokens = []
-        for token in chunk[row]:
+        for token in tokens[row]:
           if token < 0:
             break
           new_tokens.append(int(token))
