@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 from molmo_jax import config as C
+from molmo_jax import generate as generate_lib
 from molmo_jax import sharding
-from molmo_jax.generate import (SamplingConfig, choose_tokens, filter_logits, full_forward_greedy,
-                                generate)
+from molmo_jax.generate import (LayerSlices, SamplingConfig, choose_tokens, filter_logits,
+                                full_forward_greedy, generate)
 from molmo_jax.models.molmo import Molmo, abstract_params
 
 STEPS = 6
@@ -68,6 +69,40 @@ def test_cached_greedy_equals_full_forward_and_batching_is_transparent(family):
   np.testing.assert_array_equal(out.tokens[1], ref_b)
   assert out.finish_reasons == ["length", "length"]
   assert out.lengths.tolist() == [STEPS, STEPS]
+
+
+@pytest.mark.parametrize("family", ["qwen2", "olmo", "olmoe"])
+def test_decoding_from_layer_slices_equals_decoding_through_the_layer_scan(family, monkeypatch):
+  """On CPU the decode loop runs each layer from its own parameter slice and cache buffer
+  (generate.LayerSlices); accelerators decode through the scanned stack. Same tokens, same
+  log-probabilities, for every decoder family (pre/post norm, qk norm, MoE)."""
+  cfg = C.tiny(family)
+  model = Molmo(cfg)
+  rng = np.random.default_rng(3)
+  a, b = _example(cfg, rng, length=10, crops=2), _example(cfg, rng, length=7, crops=1)
+  params = _params(cfg, a)
+  batch = {k: jnp.asarray(v) for k, v in _pad_batch([a, b], length=12, crops=2).items()}
+  sampling = SamplingConfig(max_new_tokens=STEPS, logprobs=True, top_logprobs=2)
+  state = generate_lib.prefill(params, batch, model=model, steps=STEPS)
+  sliced, sliced_state = generate_lib.enter_decode_loop(params, state, model)
+  assert isinstance(sliced, LayerSlices) and len(sliced_state.cache) == cfg.llm.num_layers
+  run = lambda: jax.jit(lambda p, x: generate_lib._generate(p, x, jax.random.PRNGKey(1), model=model,
+                                                            sampling=sampling))(params, batch)
+  tokens, lengths, _, scores = run()
+  monkeypatch.setattr(generate_lib, "LAYER_SLICES_MAX_BYTES", -1)
+  assert generate_lib.enter_decode_loop(params, state, model)[0] is params
+  scan_tokens, scan_lengths, _, scan_scores = run()
+  np.testing.assert_array_equal(tokens, scan_tokens)
+  np.testing.assert_array_equal(lengths, scan_lengths)
+  np.testing.assert_allclose(scores[0], scan_scores[0], atol=1e-5)
+  np.testing.assert_allclose(scores[1], scan_scores[1], atol=1e-5)
+  # The restacked cache equals the scan's, slot for slot.
+  step = lambda p, st: generate_lib.decode_step(p, st, jnp.int32(12), jnp.zeros(2, bool),
+                                                jax.random.PRNGKey(0), model=model, sampling=sampling)
+  restacked = generate_lib.leave_decode_loop(step(sliced, sliced_state)[0]).cache
+  scanned = step(params, state)[0].cache
+  for k in ("key", "value"):
+    np.testing.assert_allclose(restacked[k], scanned[k], rtol=1e-5, atol=1e-5)
 
 
 def _greedy_reference(seed):

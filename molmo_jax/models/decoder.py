@@ -149,6 +149,26 @@ class Decoder(nn.Module):
     logits = self.lm_logits(hidden)
     return logits, {"hidden": hidden, "cache": new_cache, "aux": aux}
 
+  def run_layer_slices(self, x: Array, positions: Array, mask: Array, layers: tuple,
+                       caches: tuple, cache_index: Array) -> tuple[Array, tuple]:
+    """The block stack of `__call__` run from per-layer parameter trees, for decoding.
+
+    layers: L trees, tree l = this module's stacked "blocks" parameters at index l; caches: L
+    dicts key/value [B, S, K, h], the new keys/values written from slot `cache_index`.
+    x [B, T, D], positions [B, T], mask [B, T, S] -> (hidden [B, T, D] after final_norm, caches).
+    Same blocks, same sums as the scan; inference only (no dropout, no captures, the MoE
+    auxiliary losses are dropped). Separate parameter buffers matter on XLA:CPU, whose matmul
+    kernels cannot read a slice of a stacked weight in place: inside a decode loop the scan
+    copied every layer's weights once per token (molmo_jax/generate.py: LayerSlices).
+    """
+    block = DecoderBlock(self.config, self.dtype, self.param_dtype, parent=None)
+    new = []
+    for params, cache in zip(layers, caches, strict=True):
+      x, (cache, _) = block.apply({"params": params}, x, positions, mask, None, cache, cache_index)
+      new.append(cache)
+    hidden = constrain(self.final_norm(x), ("activation_batch", "activation_length", "activation_embed"))
+    return hidden, tuple(new)
+
   def lm_logits(self, hidden: Array) -> Array:
     """hidden [B, T, D] (after final_norm) -> logits [B, T, V_emb] float32."""
     logits = flat_dot(hidden, cast_param(self.lm_head, self.dtype), preferred_element_type=jnp.float32)

@@ -145,6 +145,16 @@ class Molmo(nn.Module):
                            compute_logits)
     return logits, out
 
+  def decode_with_layer_slices(self, input_ids: Array, positions: Array, mask: Array,
+                               layers: tuple, caches: tuple, cache_index: Array
+                               ) -> tuple[Array, tuple]:
+    """A text-only forward from per-layer decoder parameters (Decoder.run_layer_slices), for
+    generation's decode steps: input_ids [B, T] (>= 0), positions [B, T], mask [B, T, S],
+    caches L dicts key/value [B, S, K, h] -> (logits [B, T, V_emb] float32, caches)."""
+    x = self.llm.embed(input_ids)
+    hidden, caches = self.llm.run_layer_slices(x, positions, mask, layers, caches, cache_index)
+    return self.llm.lm_logits(hidden), caches
+
   def lm_logits(self, hidden: Array) -> Array:
     """out["hidden"] [B, T, D] -> logits [B, T, V_emb] float32 (the LM head alone: generation
     projects only the last prompt position)."""

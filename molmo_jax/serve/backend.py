@@ -25,7 +25,8 @@ import numpy as np
 from PIL import Image
 
 from molmo_jax import sharding
-from molmo_jax.generate import DecodeState, SamplingConfig, decode_step, prefill
+from molmo_jax.generate import (DecodeState, SamplingConfig, decode_step, enter_decode_loop,
+                                leave_decode_loop, prefill)
 from molmo_jax.preprocess import examples, image_io, inputs
 from molmo_jax.serve.messages import Conversation
 from molmo_jax.serve.protocol import APIError
@@ -197,9 +198,10 @@ def decode_chunk(params: Any, state: DecodeState, slot: jax.Array, index: jax.Ar
     done = done | (token == eos) | (remaining <= 0)
     return i + 1, state, tokens.at[:, i].set(token), done, remaining
 
+  params, state = enter_decode_loop(params, state, model)
   steps, state, tokens, _, _ = jax.lax.while_loop(
       cond, body, (jnp.int32(0), state, tokens, done, remaining))
-  return state, tokens, steps
+  return leave_decode_loop(state), tokens, steps
 
 
 class _ModelRun:
