@@ -107,16 +107,16 @@ class DecodeState(NamedTuple):
   """What one decoding step needs: the KV cache, which cache slots hold tokens, the logits that
   choose the next token and that token's position."""
 
-  cache: Any              # key/value [L, B, S, K, h] (inside a decode loop on CPU: L such dicts
-                          # of [B, S, K, h], see enter_decode_loop)
+  cache: Any              # key/value [L, B, K, S, h] (inside a decode loop on CPU: L such dicts
+                          # of [B, K, S, h], see enter_decode_loop)
   key_valid: Array        # [B, S] bool
   next_logits: Array      # [B, V] float32
   next_position: Array    # [B] int32
 
 
-# KV cache [L, B, S, K, h]: batch and kv heads split like the attention's keys (a no-op without
+# KV cache [L, B, K, S, h]: batch and kv heads split like the attention's keys (a no-op without
 # an active mesh). Pinned at creation and after every write, so the loops carry it sharded.
-CACHE_AXES = (None, "activation_batch", None, "activation_kv_heads", "activation_head_dim")
+CACHE_AXES = (None, "activation_batch", "activation_kv_heads", None, "activation_head_dim")
 
 
 def _constrain_cache(cache: dict, axes: tuple = CACHE_AXES) -> dict:
@@ -160,7 +160,7 @@ def prefill(params: Any, batch: Mapping[str, Array], *, model: Molmo, steps: int
 
 def _prefill_in_passes(params: Any, inputs: Mapping[str, Array], cache: dict, mask: Array,
                        last: Array, model: Molmo, r: int) -> tuple[dict, Array]:
-  """prefill's row passes -> (cache [L, B, S, K, h], last prompt positions' hidden [B, D])."""
+  """prefill's row passes -> (cache [L, B, K, S, h], last prompt positions' hidden [B, D])."""
   b = inputs["input_ids"].shape[0]
   if b % r:
     raise ValueError(f"prefill rows_per_pass {r} must divide the batch size {b}")
@@ -244,7 +244,7 @@ def _use_layer_slices(params: Any, model: Any) -> bool:
 def enter_decode_loop(params: Any, state: DecodeState, model: Any) -> tuple[Any, DecodeState]:
   """(params, state) for a loop of `decode_step`s, traced just before the loop: on CPU the
   layers' weights and KV caches split into per-layer buffers (`LayerSlices`; the caches
-  [L, B, S, K, h] -> L dicts [B, S, K, h], each then updated in place); elsewhere unchanged.
+  [L, B, K, S, h] -> L dicts [B, K, S, h], each then updated in place); elsewhere unchanged.
   `leave_decode_loop` restacks the caches."""
   if not _use_layer_slices(params, model):
     return params, state
@@ -257,7 +257,7 @@ def enter_decode_loop(params: Any, state: DecodeState, model: Any) -> tuple[Any,
 
 
 def leave_decode_loop(state: DecodeState) -> DecodeState:
-  """The inverse of `enter_decode_loop` for the state: caches back to key/value [L, B, S, K, h]."""
+  """The inverse of `enter_decode_loop` for the state: caches back to key/value [L, B, K, S, h]."""
   if isinstance(state.cache, Mapping):
     return state
   return state._replace(cache=_constrain_cache(

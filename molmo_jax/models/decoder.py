@@ -137,7 +137,7 @@ class Decoder(nn.Module):
     head itself, `training/loss.py: chunked_loss_sums`, from out["hidden"]).
 
     positions [B, T]; mask [B, T, S] bool. out: "hidden" [B, T, D] (after final_norm), "cache"
-    (stacked key/value [L, B, S, K, h] when a cache was given), "aux" (MoE auxiliary losses summed
+    (stacked key/value [L, B, K, S, h] when a cache was given), "aux" (MoE auxiliary losses summed
     over layers). Dropout runs only when a "dropout" rng is supplied.
     """
     capture.sow(self, "decoder_embeddings", x)
@@ -154,7 +154,7 @@ class Decoder(nn.Module):
     """The block stack of `__call__` run from per-layer parameter trees, for decoding.
 
     layers: L trees, tree l = this module's stacked "blocks" parameters at index l; caches: L
-    dicts key/value [B, S, K, h], the new keys/values written from slot `cache_index`.
+    dicts key/value [B, K, S, h], the new keys/values written from slot `cache_index`.
     x [B, T, D], positions [B, T], mask [B, T, S] -> (hidden [B, T, D] after final_norm, caches).
     Same blocks, same sums as the scan; inference only (no dropout, no captures, the MoE
     auxiliary losses are dropped). Separate parameter buffers matter on XLA:CPU, whose matmul
@@ -176,6 +176,6 @@ class Decoder(nn.Module):
 
 
 def init_cache(config: LLMConfig, batch: int, length: int, dtype=jnp.float32) -> dict[str, Array]:
-  """Empty KV cache: key/value [L, B, S, K, h]."""
-  shape = (config.num_layers, batch, length, config.num_kv_heads, config.head_dim)
+  """Empty KV cache: key/value [L, B, K, S, h] (heads-major, the layout attention reads)."""
+  shape = (config.num_layers, batch, config.num_kv_heads, length, config.head_dim)
   return {"key": jnp.zeros(shape, dtype), "value": jnp.zeros(shape, dtype)}

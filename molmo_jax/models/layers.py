@@ -249,14 +249,16 @@ def causal_segment_mask(query_segments: Array, key_segments: Array, key_valid: A
   return causal & segments & key_valid[:, None, :]
 
 
-def dot_product_attention(q: Array, k: Array, v: Array, mask: Array | None) -> Array:
+def dot_product_attention(q: Array, k: Array, v: Array, mask: Array | None,
+                          kv_heads_major: bool = False) -> Array:
   """GQA attention, softmax in float32.
 
-  q [B, T, H, h], k/v [B, S, K, h], mask [B, T, S] bool (True = attend) -> [B, T, H, h].
+  q [B, T, H, h], k/v [B, S, K, h] (or [B, K, S, h] with kv_heads_major, the KV cache's
+  layout), mask [B, T, S] bool (True = attend) -> [B, T, H, h].
   Query head n uses kv head n // G (contiguous grouping, the reference's repeat_interleave).
   """
   b, t, num_heads, head_dim = q.shape
-  num_kv = k.shape[2]
+  num_kv = k.shape[1 if kv_heads_major else 2]
   groups = num_heads // num_kv
   # Heads-major operands ([B, K, G, T, h], [B, K, S, h]; without groups (G = 1, the ViT) the G
   # axis is left out): the two products are then batched matmuls whose batch axes lead, and the
@@ -266,8 +268,9 @@ def dot_product_attention(q: Array, k: Array, v: Array, mask: Array | None) -> A
     q = q.transpose(0, 2, 1, 3)
   else:
     q = q.reshape(b, t, num_kv, groups, head_dim).transpose(0, 2, 3, 1, 4)
-  k = k.astype(jnp.float32).transpose(0, 2, 1, 3)
-  v = v.transpose(0, 2, 1, 3)
+  if not kv_heads_major:
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+  k = k.astype(jnp.float32)
   scores = jnp.einsum("bk...th,bksh->bk...ts", q, k)
   # GSPMD loses the batch sharding through the head reshape; pin it on the largest tensors.
   scores_axes = ("activation_batch", "activation_kv_heads", *((None,) * (scores.ndim - 4)),
@@ -347,8 +350,9 @@ class DecoderAttention(nn.Module):
   """Causal GQA self-attention of the LLM: optional qkv bias, full-width qk RMSNorm, RoPE, KV cache.
 
   x [B, T, D], positions [B, T], mask [B, T, S].
-  With a cache (key/value [B, S, K, h]) the new keys/values are written at slot `cache_index` and
-  attention runs over all S slots; without one S == T.
+  With a cache (key/value [B, K, S, h], heads-major: attention reads it without a transpose)
+  the new keys/values are written from slot `cache_index` and attention runs over all S slots;
+  without one S == T.
   """
 
   num_heads: int
@@ -386,11 +390,12 @@ class DecoderAttention(nn.Module):
 
     new_cache = None
     if cache is not None:
-      start = (0, cache_index, 0, 0)
-      k = jax.lax.dynamic_update_slice(cache["key"], k.astype(cache["key"].dtype), start)
-      v = jax.lax.dynamic_update_slice(cache["value"], v.astype(cache["value"].dtype), start)
+      start = (0, 0, cache_index, 0)
+      write = lambda c, x: jax.lax.dynamic_update_slice(c, x.transpose(0, 2, 1, 3).astype(c.dtype),
+                                                        start)
+      k, v = write(cache["key"], k), write(cache["value"], v)
       new_cache = {"key": k, "value": v}
-    out = dot_product_attention(q, k, v, mask)
+    out = dot_product_attention(q, k, v, mask, kv_heads_major=cache is not None)
     out = constrain(out, BTNH)
     out = DenseGeneral(x.shape[-1], ("heads", "head_dim", "embed"), contract=2, dtype=self.dtype,
                        param_dtype=self.param_dtype, name="out")(out)

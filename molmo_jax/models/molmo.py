@@ -150,7 +150,7 @@ class Molmo(nn.Module):
                                ) -> tuple[Array, tuple]:
     """A text-only forward from per-layer decoder parameters (Decoder.run_layer_slices), for
     generation's decode steps: input_ids [B, T] (>= 0), positions [B, T], mask [B, T, S],
-    caches L dicts key/value [B, S, K, h] -> (logits [B, T, V_emb] float32, caches)."""
+    caches L dicts key/value [B, K, S, h] -> (logits [B, T, V_emb] float32, caches)."""
     x = self.llm.embed(input_ids)
     hidden, caches = self.llm.run_layer_slices(x, positions, mask, layers, caches, cache_index)
     return self.llm.lm_logits(hidden), caches
