@@ -198,7 +198,7 @@ def decode_step(params: Any, state: DecodeState, slot: Array, done: Array, rng: 
   ids, positions = jnp.where(token < 0, 0, token)[:, None], state.next_position[:, None]
   if isinstance(params, LayerSlices):
     step_logits, caches = model.apply({"params": params.params}, ids, positions, mask,
-                                      params.layers, state.cache, slot,
+                                      params.layers, state.cache, slot, params.lm_head_t,
                                       method="decode_with_layer_slices")
     cache = tuple(_constrain_cache(c, CACHE_AXES[1:]) for c in caches)
   else:
@@ -224,6 +224,10 @@ class LayerSlices(NamedTuple):
 
   params: Any
   layers: tuple
+  # The LM head transposed, [V_emb, D], when a step decodes several rows (Decoder.lm_logits:
+  # 16 rows of a 32000-token vocabulary, 1 core, 12.9 -> 9.6 ms); None for one row, where h @ W
+  # is the faster product.
+  lm_head_t: Any = None
 
 
 # Above this many bytes of stacked decoder weights the decode loop keeps the scan on CPU too:
@@ -251,9 +255,11 @@ def enter_decode_loop(params: Any, state: DecodeState, model: Any) -> tuple[Any,
   num_layers = model.config.llm.num_layers
   layers = tuple(jax.tree.map(lambda x, i=i: x[i], params["llm"]["blocks"])
                  for i in range(num_layers))
+  rows = state.next_logits.shape[0]
+  lm_head_t = params["llm"]["lm_head"].T if rows > 1 else None
   caches = tuple(_constrain_cache({k: v[i] for k, v in state.cache.items()}, CACHE_AXES[1:])
                  for i in range(num_layers))
-  return LayerSlices(params, layers), state._replace(cache=caches)
+  return LayerSlices(params, layers, lm_head_t), state._replace(cache=caches)
 
 
 def leave_decode_loop(state: DecodeState) -> DecodeState:

@@ -169,9 +169,21 @@ class Decoder(nn.Module):
     hidden = constrain(self.final_norm(x), ("activation_batch", "activation_length", "activation_embed"))
     return hidden, tuple(new)
 
-  def lm_logits(self, hidden: Array) -> Array:
-    """hidden [B, T, D] (after final_norm) -> logits [B, T, V_emb] float32."""
-    logits = flat_dot(hidden, cast_param(self.lm_head, self.dtype), preferred_element_type=jnp.float32)
+  def lm_logits(self, hidden: Array, lm_head_t: Array | None = None) -> Array:
+    """hidden [B, T, D] (after final_norm) -> logits [B, T, V_emb] float32.
+
+    lm_head_t: optionally the LM head transposed, [V_emb, D] (a copy the caller made once, see
+    molmo_jax/generate.py: LayerSlices). The logits are then computed as (W^T h^T)^T: the same
+    sums, but with the vocabulary as the matmul's rows, which XLA:CPU's kernels run 1.4-1.8x
+    faster than h @ W when a handful of rows (2-32) meet a large vocabulary."""
+    if lm_head_t is None:
+      logits = flat_dot(hidden, cast_param(self.lm_head, self.dtype), preferred_element_type=jnp.float32)
+    else:
+      rows = hidden.reshape(-1, hidden.shape[-1])
+      logits_t = jax.lax.dot_general(cast_param(lm_head_t, self.dtype), rows, (((1,), (1,)), ((), ())),
+                                     preferred_element_type=jnp.float32)      # [V_emb, B*T]
+      # The barrier keeps XLA from folding the transpose back into the dot's operand order.
+      logits = jax.lax.optimization_barrier(logits_t).T.reshape(hidden.shape[:-1] + (-1,))
     return constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
 
 

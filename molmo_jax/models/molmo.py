@@ -146,14 +146,15 @@ class Molmo(nn.Module):
     return logits, out
 
   def decode_with_layer_slices(self, input_ids: Array, positions: Array, mask: Array,
-                               layers: tuple, caches: tuple, cache_index: Array
-                               ) -> tuple[Array, tuple]:
+                               layers: tuple, caches: tuple, cache_index: Array,
+                               lm_head_t: Array | None = None) -> tuple[Array, tuple]:
     """A text-only forward from per-layer decoder parameters (Decoder.run_layer_slices), for
     generation's decode steps: input_ids [B, T] (>= 0), positions [B, T], mask [B, T, S],
-    caches L dicts key/value [B, K, S, h] -> (logits [B, T, V_emb] float32, caches)."""
+    caches L dicts key/value [B, K, S, h] -> (logits [B, T, V_emb] float32, caches).
+    lm_head_t: see Decoder.lm_logits."""
     x = self.llm.embed(input_ids)
     hidden, caches = self.llm.run_layer_slices(x, positions, mask, layers, caches, cache_index)
-    return self.llm.lm_logits(hidden), caches
+    return self.llm.lm_logits(hidden, lm_head_t), caches
 
   def lm_logits(self, hidden: Array) -> Array:
     """out["hidden"] [B, T, D] -> logits [B, T, V_emb] float32 (the LM head alone: generation
