@@ -4,6 +4,7 @@ CI installs the extra, so these tests must run there: a missing libtpu is a fail
 unless MOLMO_SKIP_AOT=1 says so explicitly.
 """
 
+import functools
 import importlib.util
 import os
 import subprocess
@@ -241,3 +242,34 @@ def test_aot_generate_command_compiles_int8_generation_with_compiler_layouts(tmp
   assert aot_cli.main(["--generate", "--topology", "v5p:2x2x1"]) == 2          # no --model
   assert aot_cli.main([*argv, "--mesh", "tensor=four"]) == 2
   assert "--model" in capsys.readouterr().err
+
+
+def test_generation_keeps_the_layer_scan_when_compiled_for_tpu(monkeypatch):
+  """On CPU the decode loop runs each layer from its own weight slice (generate.LayerSlices, a
+  second copy of the decoder weights while it runs). An ahead-of-time compile for TPU chips is
+  traced on this CPU host under a TPU mesh: it keeps the scan, as do stacks larger than
+  LAYER_SLICES_MAX_BYTES."""
+  _require_libtpu()
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from molmo_jax import config as C
+  from molmo_jax import generate as generate_lib
+  from molmo_jax.models.molmo import Molmo, abstract_params
+  from molmo_jax.training.aot import topology_devices
+  cfg = C.tiny("qwen2")
+  model = Molmo(cfg)
+  params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), abstract_params(cfg))
+  seen = {}
+
+  def probe(x, name):
+    seen[name] = generate_lib._use_layer_slices(params, model)
+    return x
+
+  meshes = {"cpu": jax.devices()[:1], "tpu": topology_devices("v5e:2x2")}
+  for name, devices in meshes.items():
+    with jax.set_mesh(jax.sharding.Mesh(np.array(devices), ("data",))):
+      jax.jit(functools.partial(probe, name=name)).trace(jax.ShapeDtypeStruct((), jnp.float32))
+  assert seen == {"cpu": True, "tpu": False}
+  monkeypatch.setattr(generate_lib, "LAYER_SLICES_MAX_BYTES", 1000)
+  assert not generate_lib._use_layer_slices(params, model)

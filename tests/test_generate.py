@@ -105,32 +105,6 @@ def test_decoding_from_layer_slices_equals_decoding_through_the_layer_scan(famil
     np.testing.assert_allclose(restacked[k], scanned[k], rtol=1e-5, atol=1e-5)
 
 
-def test_layer_slices_are_chosen_for_cpu_meshes_only():
-  """The decode loop's per-layer slices double the decoder weights' memory while it runs, so an
-  ahead-of-time compile for TPU chips (traced on this CPU host, under a TPU mesh) keeps the scan;
-  so do models whose stacked weights exceed LAYER_SLICES_MAX_BYTES."""
-  from molmo_jax.training.aot import topology_devices
-  cfg = C.tiny("qwen2")
-  model = Molmo(cfg)
-  params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), abstract_params(cfg))
-  chosen = lambda: generate_lib._use_layer_slices(params, model)
-  assert chosen()
-  cpu_mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
-  tpu_mesh = jax.sharding.Mesh(np.array(topology_devices("v5e:2x2")), ("data",))
-  seen = {}
-  for name, mesh in (("cpu", cpu_mesh), ("tpu", tpu_mesh)):
-    with jax.set_mesh(mesh):
-      jax.jit(lambda x, name=name: seen.setdefault(name, chosen()) and x).trace(
-          jax.ShapeDtypeStruct((), jnp.float32))
-  assert seen == {"cpu": True, "tpu": False}
-  small = generate_lib.LAYER_SLICES_MAX_BYTES
-  try:
-    generate_lib.LAYER_SLICES_MAX_BYTES = 1000
-    assert not chosen()
-  finally:
-    generate_lib.LAYER_SLICES_MAX_BYTES = small
-
-
 def _greedy_reference(seed):
   """A tiny Qwen2 model, one example and its greedy tokens from full forward passes."""
   cfg = C.tiny("qwen2")
