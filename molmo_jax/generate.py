@@ -23,6 +23,7 @@ import numpy as np
 from molmo_jax.models.decoder import init_cache
 from molmo_jax.models.layers import constrain
 from molmo_jax.models.molmo import Molmo, default_positions
+from molmo_jax.quantize import param_bytes
 
 Array = jax.Array
 
@@ -250,8 +251,7 @@ def _use_layer_slices(params: Any, model: Any) -> bool:
   blocks = params.get("llm", {}).get("blocks") if isinstance(params, Mapping) else None
   if blocks is None:
     return False
-  size = sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(blocks))
-  return size <= LAYER_SLICES_MAX_BYTES
+  return param_bytes(blocks) <= LAYER_SLICES_MAX_BYTES
 
 
 def enter_decode_loop(params: Any, state: DecodeState, model: Any) -> tuple[Any, DecodeState]:
