@@ -12,7 +12,7 @@ from molmo_jax import config as C
 from molmo_jax import generate as generate_lib
 from molmo_jax import sharding
 from molmo_jax.generate import (LayerSlices, SamplingConfig, choose_tokens, filter_logits,
-                                full_forward_greedy, generate)
+                                full_forward_greedy, generate, greedy_tokens)
 from molmo_jax.models.molmo import Molmo, abstract_params
 
 STEPS = 6
@@ -165,6 +165,23 @@ def test_sampling_is_reproducible_and_seed_dependent():
   other = generate(model, params, ex, sampling, jax.random.PRNGKey(8)).tokens
   np.testing.assert_array_equal(one, two)
   assert not np.array_equal(one, other)
+
+
+def test_greedy_tokens_pick_what_argmax_picks_on_ties_infinities_and_nans():
+  rng = np.random.default_rng(0)
+  # Small integers make ties common; rows of -inf, +inf and NaN at chosen places.
+  logits = rng.integers(-3, 4, (12, 4, 37)).astype(np.float32)
+  logits[0, 0] = -np.inf
+  logits[1, 1, [5, 9]] = np.inf
+  logits[2, 2, [7, 20]] = np.nan
+  logits[3, 3] = np.nan
+  logits[4, 0, 36] = 10.0
+  got = np.asarray(jax.jit(greedy_tokens)(jnp.asarray(logits)))
+  want = np.asarray(jnp.argmax(jnp.asarray(logits), axis=-1))
+  np.testing.assert_array_equal(got, want)
+  assert got.dtype == np.int32
+  assert got[0, 0] == 0 and got[1, 1] == 5 and got[2, 2] == 7 and got[4, 0] == 36
+  assert int(greedy_tokens(jnp.asarray([1.0, 3.0, 3.0]))) == 1
 
 
 def test_top_k_and_top_p_filter_a_constructed_distribution():
