@@ -142,39 +142,43 @@ def prefill(params: Any, batch: Mapping[str, Array], *, model: Molmo, steps: int
   """Runs the prompt (and the vision tower) once into a cache with room for `steps` new tokens.
 
   Only the last prompt position's logits are computed (the LM head alone on [B, 1, D]); the
-  prompt's [B, T, V] logits never exist. rows_per_pass: prefill this many rows at a time
-  (0 = all): a pass's attention scores are [rows, H, T, T], so a few rows per pass keep long,
-  big batches small while the cache still fills for the whole batch.
+  prompt's [B, T, V] logits never exist. The prompt attends over its own T slots (the `steps`
+  empty slots would only be masked out: with the default 192 new tokens and short prompts they
+  were most of the attention's work), and the cache is then padded to S = T + steps slots.
+  rows_per_pass: prefill this many rows at a time (0 = all): a pass's attention scores are
+  [rows, H, T, T], so a few rows per pass keep long, big batches small while the cache still
+  fills for the whole batch.
   """
   input_ids = batch["input_ids"]
   b, t = input_ids.shape
-  s = t + steps
   cfg = model.config
-  cache = _constrain_cache(init_cache(cfg.llm, b, s, jnp.dtype(cfg.dtype)))
+  cache = _constrain_cache(init_cache(cfg.llm, b, t, jnp.dtype(cfg.dtype)))
   valid = input_ids != -1
   key_valid = jnp.concatenate([valid, jnp.zeros((b, steps), bool)], axis=1)        # [B, S]
-  slots = jnp.arange(s, dtype=jnp.int32)
+  slots = jnp.arange(t, dtype=jnp.int32)
 
   positions = batch.get("position_ids")
   if positions is None:
     positions = default_positions(input_ids)
-  mask = key_valid[:, None, :] & (slots[None, None, :] <= jnp.arange(t)[None, :, None])
+  mask = valid[:, None, :] & (slots[None, None, :] <= slots[None, :, None])          # [B, T, T]
   last = jnp.maximum(jnp.sum(valid, axis=1) - 1, 0)                                  # [B]
   rows = jnp.arange(b)
   inputs = dict(batch, position_ids=positions)
   if not rows_per_pass or rows_per_pass >= b:
     _, out = model.apply({"params": params}, inputs, cache=cache, cache_index=jnp.int32(0),
                          attention_mask=mask)
-    cache, hidden = _constrain_cache(out["cache"]), out["hidden"][rows, last]
+    cache, hidden = out["cache"], out["hidden"][rows, last]
   else:
     cache, hidden = _prefill_in_passes(params, inputs, cache, mask, last, model, rows_per_pass)
+  room = ((0, 0), (0, 0), (0, 0), (0, steps), (0, 0))          # [L, B, K, T, h] -> [L, B, K, S, h]
+  cache = _constrain_cache({k: jnp.pad(v, room) for k, v in cache.items()})
   logits = model.apply({"params": params}, hidden[:, None], method="lm_logits")[:, 0]
   return DecodeState(cache, key_valid, logits.astype(jnp.float32), positions[rows, last] + 1)
 
 
 def _prefill_in_passes(params: Any, inputs: Mapping[str, Array], cache: dict, mask: Array,
                        last: Array, model: Molmo, r: int) -> tuple[dict, Array]:
-  """prefill's row passes -> (cache [L, B, K, S, h], last prompt positions' hidden [B, D])."""
+  """prefill's row passes -> (cache [L, B, K, T, h], last prompt positions' hidden [B, D])."""
   b = inputs["input_ids"].shape[0]
   if b % r:
     raise ValueError(f"prefill rows_per_pass {r} must divide the batch size {b}")
