@@ -2,7 +2,8 @@
 trained parts), merged weights equal base + adapters, adapter files round-trip and merge into a
 model directory, the optimizer holds state only for trainable leaves; with an int8 base
 (lora.base_dtype="int8") the frozen kernels are int8, the logits are those of the int8-quantized
-model, training leaves the int8 values bit-identical and resumes exactly."""
+model, training leaves the int8 values bit-identical and resumes exactly; the training preview
+of a LoRA run answers with the adapters."""
 
 import dataclasses
 import re
@@ -373,3 +374,63 @@ def test_int8_base_never_quantizes_a_trained_layer():
                                                    "scale": np.ones((1, 2))}}}},
                         {"llm": {"q": {"lora_a": np.zeros((2, 1)), "lora_b": np.zeros((1, 2))}}},
                         lora_cfg)
+
+
+class _Writer:
+  """Records what a TrainingPreview logs (TensorBoard's add_image / add_text)."""
+
+  def __init__(self):
+    self.texts = {}
+
+  def add_image(self, tag, image, step, dataformats):
+    pass
+
+  def add_text(self, tag, text, step):
+    self.texts[tag] = text
+
+  def flush(self):
+    pass
+
+
+def test_training_preview_of_a_lora_run_answers_with_the_adapters():
+  import types
+
+  from molmo_jax.data.demo_tokenizer import build_demo_tokenizer
+  from molmo_jax.data.sources import SourceConfig
+  from molmo_jax.generate import SamplingConfig
+  from molmo_jax.models.molmo import example_batch_shapes
+  from molmo_jax.predictor import Predictor
+  from molmo_jax.preprocess.tokens import MolmoTokenizer
+  from molmo_jax.training.preview import TrainingPreview
+  cfg = C.tiny("qwen2", vocab_size=448, embedding_size=448)
+  tokenizer = MolmoTokenizer(build_demo_tokenizer(vocab_size=448), vocab_size=448)
+  init_batch = {k: jnp.zeros(v.shape, v.dtype) for k, v in example_batch_shapes(cfg).items()}
+  base = flax.linen.unbox(Molmo(cfg).init(jax.random.PRNGKey(0), init_batch))["params"]
+  adapters = lora.init_adapters(lora.LoraModel(Molmo(cfg), LORA), jax.random.PRNGKey(1), init_batch)
+  # Trained-looking adapters: B away from its zero init, large enough to change the answers.
+  keys = iter(jax.random.split(jax.random.PRNGKey(2), 1000))
+  adapters = flax.traverse_util.unflatten_dict({
+      k: (3.0 * jax.random.normal(next(keys), v.shape, v.dtype) if k[-1] == "lora_b" else v)
+      for k, v in flax.traverse_util.flatten_dict(adapters).items()})
+  params = lora.combine(base, adapters)
+
+  source = SourceConfig(name="shapes", kind="synthetic", options={"num_examples": 8, "seed": 0})
+  exp = types.SimpleNamespace(data_config=types.SimpleNamespace(sources=[source]),
+                              model_config=cfg, lora=LORA)
+  writer = _Writer()
+  preview = TrainingPreview(exp, tokenizer, writer, every=1, num_examples=2, max_new_tokens=8)
+  assert len(preview.examples) == 2
+  preview.log(0, params)
+
+  images = [e["image"] for e in preview.examples]
+  questions = [e["question"] for e in preview.examples]
+  sampling = SamplingConfig(max_new_tokens=8)
+  merged = lora.merge_adapters(lora.base_params(params), lora.adapter_params(params, LORA), LORA)
+  with_adapters = [p.text for p in Predictor(cfg, merged, tokenizer).predict(images, questions,
+                                                                             sampling=sampling)]
+  base_only = [p.text for p in Predictor(cfg, base, tokenizer).predict(images, questions,
+                                                                       sampling=sampling)]
+  assert with_adapters != base_only     # the adapters change the answers
+  logged = [writer.texts[f"preview/{i}"] for i in range(2)]
+  for text, answer in zip(logged, with_adapters):
+    assert f"**model:** {answer}  \n" in text, (text, answer)

@@ -6,6 +6,8 @@ reference as text (`preview/<i>` images and texts).
 Examples come from `config.preview.source` (a source like those of `config.data.sources`;
 default: the first training source), its first `preview.num_examples` records that have an image.
 Process 0 of a single-process run only (generation on a multi-host mesh is not done here).
+In a LoRA run (float base) the preview answers with the adapters folded into the base, the model
+that the run will write to model/.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from typing import Any
 
 import jax
 import numpy as np
+
+from molmo_jax import lora as lora_lib
 
 _log = logging.getLogger("molmo_jax.train")
 
@@ -41,6 +45,8 @@ class TrainingPreview:
     self.max_new_tokens = int(max_new_tokens)
     self.examples: list[dict] = []
     self._predictor = None
+    lora_cfg = getattr(exp, "lora", None)
+    self._lora = lora_cfg if lora_cfg is not None and lora_cfg.enabled else None
     if self.every <= 0 or writer is None or tokenizer is None or jax.process_count() > 1:
       self.every = 0
       return
@@ -78,6 +84,10 @@ class TrainingPreview:
     from molmo_jax.generate import SamplingConfig
     from molmo_jax.preprocess import points as points_lib
     start = time.perf_counter()
+    if self._lora is not None:
+      # The plain model the Predictor runs would ignore lora_a / lora_b leaves.
+      params = lora_lib.merge_adapters(lora_lib.base_params(params),
+                                       lora_lib.adapter_params(params, self._lora), self._lora)
     self._predictor.params = params
     preds = self._predictor.predict(
         [e["image"] for e in self.examples], [e["question"] for e in self.examples],
