@@ -8,7 +8,8 @@
 
 Every loader also takes a training workdir (what train.py writes: checkpoints/<step>/params,
 model_config.json, tokenizer/, and model/ at the end): `locate_model(path, step)` finds the
-parameters of the latest (or the given) step, the config and the tokenizer.
+parameters of the latest (or the given) step, the config and the tokenizer. A LoRA run's step
+(workdir/lora.json) loads with its adapters folded into the base.
 
 A directory is assembled in a hidden sibling (`staged_directory`) and renamed into place at the
 end, so a failed write leaves nothing at `<dir>` (or its previous contents). Every path may be
@@ -39,6 +40,7 @@ TOKENIZER_DIR = "tokenizer"
 QUANTIZATION_FILE = "quantization.json"
 # A training workdir (molmo_jax.training.loop).
 WORKDIR_CHECKPOINTS = "checkpoints"
+WORKDIR_LORA = "lora.json"            # a LoRA run's LoraConfig (its checkpoints hold adapters)
 WORKDIR_MODEL_CONFIG = "model_config.json"
 WORKDIR_TRAIN_CONFIG = "train_config.json"
 WORKDIR_MODEL = "model"
@@ -305,5 +307,44 @@ def load_model_checkpoint(directory: str | os.PathLike, expected_params: Any = N
         lambda x: x if isinstance(x, jax.ShapeDtypeStruct)
         else jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=getattr(x, "sharding", None)),
         expected_params)
-  params = _restore_pytree(source.params_dir, expected_params, source.describe())
+  lora_cfg = _run_lora_config(source)
+  if lora_cfg is None:
+    params = _restore_pytree(source.params_dir, expected_params, source.describe())
+  else:
+    params = _merged_lora_step(source, lora_cfg, expected_params)
   return ModelCheckpoint(params=params, config=config, tokenizer_dir=source.tokenizer_dir)
+
+
+def _run_lora_config(source: ModelSource) -> Any:
+  """The LoraConfig of a LoRA training run (workdir/lora.json, rank > 0) when `source` is one of
+  its steps, else None."""
+  path = source.path / WORKDIR_LORA
+  if source.step is None or not path.is_file():
+    return None
+  from molmo_jax import lora as lora_lib    # lora.py reads and writes model directories itself
+  try:
+    cfg = lora_lib.LoraConfig.from_mapping(json.loads(path.read_text()))
+  except (ValueError, TypeError) as e:
+    raise errors.UserError(str(path), f"not a valid LoRA config: {e}") from None
+  return cfg if cfg.enabled else None
+
+
+def _merged_lora_step(source: ModelSource, cfg: Any, expected_params: Any) -> Any:
+  """A LoRA run's checkpoint (base + lora_a / lora_b leaves) as a plain model's parameters: each
+  adapted kernel W + a A.B, as `python -m molmo_jax.lora merge` and the run's model/ hold them."""
+  from molmo_jax import lora as lora_lib
+  where = source.describe()
+  if cfg.quantized_base:
+    raise errors.UserError(
+        where, "a step of a LoRA run over an int8 base; its checkpoint holds int8 kernels, not "
+        "a float model", "fold its adapters into the float base model: python -m molmo_jax.lora "
+        f"merge --base BASE_MODEL_DIR --adapters {source.path / 'adapters'} --out DIR")
+  stored = _restore_pytree(source.params_dir, None, where)
+  merged = lora_lib.merge_adapters(lora_lib.base_params(stored),
+                                   lora_lib.adapter_params(stored, cfg), cfg)
+  if expected_params is None:
+    return merged
+  check_tree_matches(merged, expected_params, where)
+  return jax.tree.map(
+      lambda x, want: jax.device_put(np.asarray(x).astype(want.dtype),
+                                     getattr(want, "sharding", None)), merged, expected_params)

@@ -21,9 +21,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train as train_cli  # noqa: E402  (the repository's train.py)
-from molmo_jax import config_cli, experiment  # noqa: E402
+from molmo_jax import config_cli, errors, experiment  # noqa: E402
 from molmo_jax.training import loop  # noqa: E402
-from molmo_jax.model_dir import restore_params_only  # noqa: E402
+from molmo_jax.model_dir import load_model_checkpoint, path_name, restore_params_only  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TOTAL = 8
@@ -151,6 +151,20 @@ def test_lora_run_resumes_exactly_and_writes_its_adapters(cache, tmp_path_factor
   if base_dtype == "int8":      # the checkpoints hold the int8 base; no merged model/ is written
     assert final["llm"]["blocks"]["mlp"]["up"]["kernel"]["qvalue"].dtype == np.int8
     assert not (straight / "model").exists() and (straight / "adapters").is_dir()
+    # Loading the workdir as a model says how to get one, in one line.
+    with pytest.raises(errors.UserError, match="int8 base.*molmo_jax.lora merge --base"):
+      load_model_checkpoint(straight)
+  else:
+    # The workdir loads as a model: its latest step with the adapters folded in, as model/.
+    from molmo_jax.predictor import Predictor
+    from_step = Predictor.from_checkpoint(straight).params
+    from_model = Predictor.from_checkpoint(straight / "model").params
+    names = [path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(from_step)[0]]
+    assert names and not any(n.endswith(("lora_a", "lora_b")) for n in names)
+    assert jax.tree.all(jax.tree.map(np.array_equal, from_step, from_model))
+    base_only = lora.base_params(final)
+    assert not np.array_equal(from_step["llm"]["blocks"]["mlp"]["up"]["kernel"],
+                              base_only["llm"]["blocks"]["mlp"]["up"]["kernel"])
 
 
 def test_sigkill_during_async_save_resumes_from_last_complete(straight, cache, tmp_path):

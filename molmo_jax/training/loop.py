@@ -48,7 +48,7 @@ from molmo_jax import errors
 from molmo_jax import lora as lora_lib
 from molmo_jax import experiment as experiment_lib
 from molmo_jax import sharding as sharding_lib
-from molmo_jax.model_dir import (TOKENIZER_DIR, locate_model, restore_params_only,
+from molmo_jax.model_dir import (TOKENIZER_DIR, WORKDIR_LORA, locate_model, restore_params_only,
                                  save_model_checkpoint)
 from molmo_jax.output_dirs import staged_directory
 from molmo_jax.training import flops as flops_lib
@@ -395,7 +395,7 @@ def _train(config: Any, workdir: str | os.PathLike, data_iterator: Any,
   exp = experiment_lib.build(config)
   lora_cfg = exp.lora
   if lora_cfg.enabled and jax.process_index() == 0:
-    (workdir / "lora.json").write_text(lora_cfg.to_json())
+    (workdir / WORKDIR_LORA).write_text(lora_cfg.to_json())
   if jax.process_index() == 0:
     _warn_if_total_steps_changed(workdir, exp.total_steps)
     workdir_lib.check_and_record_configs(workdir, exp.model_config.to_json(),
