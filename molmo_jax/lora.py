@@ -429,6 +429,12 @@ def merge_adapters(base: Any, adapters: Any, cfg: LoraConfig) -> dict:
   return flax.traverse_util.unflatten_dict(out)
 
 
+def merged_run_params(params: Any, cfg: LoraConfig) -> dict:
+  """A LoRA run's parameter tree (base + lora_a / lora_b + fully trained leaves) as a plain
+  model's: `merge_adapters` of its own base and adapters."""
+  return merge_adapters(base_params(params), adapter_params(params, cfg), cfg)
+
+
 def init_adapters(model: LoraModel, rng: Array, init_batch: Mapping[str, Array]) -> dict:
   """Fresh adapter leaves only (the base's random init is dead code and compiled away); the
   same for an int8 base as for a float one."""
@@ -464,6 +470,15 @@ def save_adapters(directory: str | os.PathLike, params: Any, cfg: LoraConfig,
   return directory
 
 
+def read_config(path: str | os.PathLike) -> LoraConfig:
+  """The LoraConfig in a lora.json (an adapter directory's, or a LoRA run's workdir's); a
+  ValueError naming the file if it is not one."""
+  try:
+    return LoraConfig.from_mapping(json.loads(Path(path).read_text()))
+  except (ValueError, TypeError) as e:
+    raise ValueError(f"{path}: invalid LoRA config: {e}") from None
+
+
 def load_adapters(directory: str | os.PathLike) -> tuple[dict, LoraConfig]:
   """(adapter subtree as host arrays, its LoraConfig) from a save_adapters directory."""
   import etils.epath as epath
@@ -472,10 +487,7 @@ def load_adapters(directory: str | os.PathLike) -> tuple[dict, LoraConfig]:
   config_path = directory / _CONFIG_FILE
   if not config_path.is_file():
     raise FileNotFoundError(f"{directory}: missing {_CONFIG_FILE}; not a LoRA adapter directory")
-  try:
-    cfg = LoraConfig.from_mapping(json.loads(config_path.read_text()))
-  except (ValueError, TypeError) as e:
-    raise ValueError(f"{config_path}: invalid LoRA config: {e}") from None
+  cfg = read_config(config_path)
   tree_dir = directory / _ADAPTERS_DIR
   if not (tree_dir / "_METADATA").is_file():
     raise FileNotFoundError(f"{directory}: missing {_ADAPTERS_DIR}/ (an Orbax PyTree checkpoint)")

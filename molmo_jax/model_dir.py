@@ -323,9 +323,9 @@ def _run_lora_config(source: ModelSource) -> Any:
     return None
   from molmo_jax import lora as lora_lib    # lora.py reads and writes model directories itself
   try:
-    cfg = lora_lib.LoraConfig.from_mapping(json.loads(path.read_text()))
-  except (ValueError, TypeError) as e:
-    raise errors.UserError(str(path), f"not a valid LoRA config: {e}") from None
+    cfg = lora_lib.read_config(path)
+  except ValueError as e:
+    raise errors.UserError(str(e)) from None
   return cfg if cfg.enabled else None
 
 
@@ -340,8 +340,7 @@ def _merged_lora_step(source: ModelSource, cfg: Any, expected_params: Any) -> An
         "a float model", "fold its adapters into the float base model: python -m molmo_jax.lora "
         f"merge --base BASE_MODEL_DIR --adapters {source.path / 'adapters'} --out DIR")
   stored = _restore_pytree(source.params_dir, None, where)
-  merged = lora_lib.merge_adapters(lora_lib.base_params(stored),
-                                   lora_lib.adapter_params(stored, cfg), cfg)
+  merged = lora_lib.merged_run_params(stored, cfg)
   if expected_params is None:
     return merged
   check_tree_matches(merged, expected_params, where)

@@ -426,8 +426,7 @@ def _train(config: Any, workdir: str | os.PathLike, data_iterator: Any,
     params = state.params
     if lora_cfg.enabled:
       _save_run_adapters(workdir, state, lora_cfg)
-      params = None if lora_cfg.quantized_base else lora_lib.merge_adapters(
-          lora_lib.base_params(params), lora_lib.adapter_params(params, lora_cfg), lora_cfg)
+      params = None if lora_cfg.quantized_base else lora_lib.merged_run_params(params, lora_cfg)
     if config.get("export_model", True) and result.last_metrics:   # not when stopped before a step
       if params is None:
         _log.info("int8 LoRA base: no %s/model/ (the run holds no float base); fold the adapters "

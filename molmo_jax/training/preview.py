@@ -86,8 +86,7 @@ class TrainingPreview:
     start = time.perf_counter()
     if self._lora is not None:
       # The plain model the Predictor runs would ignore lora_a / lora_b leaves.
-      params = lora_lib.merge_adapters(lora_lib.base_params(params),
-                                       lora_lib.adapter_params(params, self._lora), self._lora)
+      params = lora_lib.merged_run_params(params, self._lora)
     self._predictor.params = params
     preds = self._predictor.predict(
         [e["image"] for e in self.examples], [e["question"] for e in self.examples],
